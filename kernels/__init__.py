@@ -1,0 +1,61 @@
+"""Batch-invariant ops for the rollout engine, and the trainer-side `batch_invariant_mode()`.
+
+`get_ops(device, deterministic)` returns the forward's ops: torch implementations on the CPU,
+Triton kernels on CUDA when deterministic, plain torch (fastest, batch dependent) otherwise.
+Nothing here imports the engine.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+DEFAULT_SPLIT_SIZE = 32
+_HF_ATTENTION_NAME = "rollout_batch_invariant"
+
+
+@dataclass(frozen=True)
+class Ops:
+    linear: Callable
+    rms_norm: Callable
+    silu_and_mul: Callable
+    log_softmax: Callable
+    store_kv: Callable
+    decode_attention: Callable
+    prefill_attention: Callable
+
+
+def _ops_from(module) -> Ops:
+    return Ops(module.linear, module.rms_norm, module.silu_and_mul, module.log_softmax,
+               module.store_kv, module.decode_attention, module.prefill_attention)
+
+
+def get_ops(device: torch.device | str, deterministic: bool = True) -> Ops:
+    device = torch.device(device)
+    if not deterministic:
+        from kernels import fast
+        return _ops_from(fast)
+    if device.type == "cuda":
+        from kernels import triton_ops
+        return _ops_from(triton_ops)
+    from kernels import cpu
+    return _ops_from(cpu)
+
+
+def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE):
+    """Context manager for the trainer: torch ops run through the same batch-invariant kernels
+    as the engine, so a Hugging Face model computes the rollout's log-probs bitwise."""
+    from kernels.mode import BatchInvariantMode
+    return BatchInvariantMode(split_size)
+
+
+def __getattr__(name: str):
+    # Registering with transformers imports it; do that only when someone asks for the name.
+    if name == "HF_ATTENTION":
+        from kernels.mode import register_hf_attention
+        register_hf_attention(_HF_ATTENTION_NAME)
+        return _HF_ATTENTION_NAME
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+
+
+__all__ = ["Ops", "get_ops", "batch_invariant_mode", "DEFAULT_SPLIT_SIZE", "HF_ATTENTION"]

@@ -1,0 +1,240 @@
+"""Batch-invariant torch implementations of the forward's ops, for the CPU.
+
+Every function here returns, for each row of its input, bits that depend only on that row,
+never on how many rows came with it or where the row sat. How:
+
+- Reductions use `tree_sum`: pairwise halving over a zero-padded power of two, built from
+  elementwise adds, so the order is fixed by construction and extra zero padding is exact.
+- Matmuls call BLAS only on shapes whose row results are independent of the row count: fixed
+  row tiles for `linear` (the tile sizes that agree bitwise are measured once per weight shape),
+  and, for attention, operands laid out so that every row count >= 2 takes one kernel path.
+- Transcendentals are only `exp`, `log`, `rsqrt`, `cos`, `sin`, whose vectorized and scalar
+  paths agree; `silu` is rebuilt from `exp` because torch's own does not.
+"""
+
+import torch
+import torch.nn.functional as F
+
+_LINEAR_TILE_CANDIDATES = (16, 32, 64, 128)
+_tile_cache: dict[tuple, tuple[int, ...]] = {}
+
+
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension in a fixed pairwise order."""
+    n = x.shape[-1]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        x = F.pad(x, (0, width - n))
+    while width > 1:
+        width //= 2
+        x = x[..., :width] + x[..., width:]
+    return x[..., 0]
+
+
+def mean_last(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    out = tree_sum(x) / x.shape[-1]
+    return out.unsqueeze(-1) if keepdim else out
+
+
+def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, tiles: tuple[int, ...]) -> torch.Tensor:
+    """x [M, K] @ w_t [K, N], as mm calls of fixed row counts taken from `tiles`."""
+    m = x.shape[0]
+    big = tiles[-1]
+    out = torch.empty(m, w_t.shape[1], dtype=x.dtype, device=x.device)
+    full = m - m % big
+    for i in range(0, full, big):
+        torch.mm(x[i:i + big], w_t, out=out[i:i + big])
+    rest = m - full
+    if rest:
+        tile = next(t for t in tiles if t >= rest)
+        pad = torch.zeros(tile, x.shape[1], dtype=x.dtype, device=x.device)
+        pad[:rest] = x[full:]
+        out[full:] = torch.mm(pad, w_t)[:rest]
+    return out
+
+
+def linear_tiles(w_t: torch.Tensor) -> tuple[int, ...]:
+    """Row tile sizes whose mm results agree bitwise with the smallest tile, for x @ w_t.
+
+    BLAS picks kernels by problem shape (and by operand strides); tiles in one class give each
+    row the same bits. Measured on the real operand once per (shape, strides, dtype, threads).
+    """
+    key = (tuple(w_t.shape), w_t.stride(), w_t.dtype, torch.get_num_threads())
+    tiles = _tile_cache.get(key)
+    if tiles is None:
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(_LINEAR_TILE_CANDIDATES[-1], w_t.shape[0], generator=gen)
+        probe = probe.to(w_t.dtype)
+        base_t = _LINEAR_TILE_CANDIDATES[0]
+        ref = torch.mm(probe[:base_t], w_t)
+        tiles = (base_t,)
+        for t in _LINEAR_TILE_CANDIDATES[1:]:
+            if not torch.equal(torch.mm(probe[:t], w_t)[:base_t], ref):
+                break
+            tiles += (t,)
+        _tile_cache[key] = tiles
+    return tiles
+
+
+def matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w_t [K, N]; each output row depends only on its input row."""
+    return _tiled_mm(x.contiguous(), w_t, linear_tiles(w_t))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           splits: tuple[int, ...] | None = None) -> torch.Tensor:
+    """F.linear, batch invariant. `splits` computes a fused weight part by part, so a fused
+    q/k/v or gate/up gives bitwise what the separate projections give."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if splits is None:
+        out = matmul(x2, w.t())
+    else:
+        parts, start = [], 0
+        for size in splits:
+            parts.append(matmul(x2, w[start:start + size].t()))
+            start += size
+        out = torch.cat(parts, dim=-1)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same op sequence as the Hugging Face RMSNorm of Llama/Qwen."""
+    dtype = x.dtype
+    xf = x.to(torch.float32)
+    variance = mean_last(xf.pow(2), keepdim=True)
+    xf = xf * torch.rsqrt(variance + eps)
+    return weight * xf.to(dtype)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return x / (1 + torch.exp(-x))
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return silu(gate) * up
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in float32."""
+    x = x.to(torch.float32)
+    z = x - x.amax(-1, keepdim=True)
+    return z - torch.log(tree_sum(torch.exp(z))).unsqueeze(-1)
+
+
+# ---------------------------------------------------------------- attention
+#
+# Keys are split into blocks of a fixed size S at absolute positions 0, S, 2S, ... (one KV-cache
+# block is one split) and folded into a running softmax in split order. The cache stores K
+# transposed per block ([blocks, kv_heads, head_dim, S]) and V as [blocks, kv_heads, S, head_dim],
+# so both bmm operands are contiguous tiles: with contiguous operands every row count >= 2 takes
+# the same BLAS path, which makes a query's bits the same in decode, prefill and scoring.
+
+
+def _online_update(state, q_rows, q_pos, k_t, v, split: int, scale: float):
+    m, l, acc = state
+    size = k_t.shape[-1]
+    scores = torch.bmm(q_rows, k_t.to(torch.float32)) * scale
+    key_pos = torch.arange(split * size, (split + 1) * size, device=q_rows.device)
+    allowed = key_pos <= q_pos.unsqueeze(-1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    m_new = torch.maximum(m, scores.amax(-1))
+    m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    alpha = torch.exp(m - m_safe)
+    p = torch.exp(scores - m_safe.unsqueeze(-1))
+    l = l * alpha + tree_sum(p)
+    acc = acc * alpha.unsqueeze(-1) + torch.bmm(p, v.to(torch.float32))
+    return m_new, l, acc
+
+
+def _attend(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, num_splits: int,
+            scale: float) -> torch.Tensor:
+    """q_rows [B, M, D] float32, q_pos [B, M]; tiles(s) -> (k_t [B, D, S], v [B, S, D])."""
+    pad = q_rows.shape[1] == 1  # one row takes BLAS's gemv path; two rows take the gemm path
+    if pad:
+        q_rows = torch.cat([q_rows, torch.zeros_like(q_rows)], dim=1)
+        q_pos = torch.cat([q_pos, q_pos], dim=1)
+    b, rows, d = q_rows.shape
+    state = (torch.full((b, rows), float("-inf"), device=q_rows.device),
+             torch.zeros(b, rows, device=q_rows.device),
+             torch.zeros(b, rows, d, device=q_rows.device))
+    for s in range(num_splits):
+        k_t, v = tiles(s)
+        state = _online_update(state, q_rows, q_pos, k_t, v, s, scale)
+    _, l, acc = state
+    out = acc / l.unsqueeze(-1)
+    return out[:, :1] if pad else out
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, kv_heads, D] into one layer's cache at flat slots (block * S + offset)."""
+    size = v_cache.shape[2]
+    blocks, offsets = slot_mapping // size, slot_mapping % size
+    k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, :, offsets, :] = v.to(v_cache.dtype)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One new query per sequence. q [N, H, D]; block_tables [N, max_blocks]; context_lens [N]
+    counts the keys, the query's own included. Returns [N, H, D] in q's dtype."""
+    n, h, d = q.shape
+    kv_heads, size = v_cache.shape[1], v_cache.shape[2]
+    group = h // kv_heads
+    q_rows = q.to(torch.float32).reshape(n * kv_heads, group, d)
+    q_pos = (context_lens - 1).repeat_interleave(kv_heads).unsqueeze(-1).expand(-1, group)
+    num_splits = int((context_lens.max().item() + size - 1) // size)
+
+    def tiles(s):
+        ids = block_tables[:, s].contiguous()
+        return (k_cache.index_select(0, ids).reshape(n * kv_heads, d, size),
+                v_cache.index_select(0, ids).reshape(n * kv_heads, size, d))
+
+    out = _attend(q_rows, q_pos.contiguous(), tiles, num_splits, scale)
+    return out.reshape(n, h, d).to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_table: torch.Tensor, positions: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """A run of consecutive queries of one sequence (a prefill chunk). q [L, H, D]; positions [L];
+    block_table [num_blocks] covers every key up to the last position. Returns [L, H, D]."""
+    length, h, d = q.shape
+    kv_heads, size = v_cache.shape[1], v_cache.shape[2]
+    num_splits = int(positions[-1].item()) // size + 1
+
+    def tiles(s):
+        blk = block_table[s]
+        return k_cache[blk], v_cache[blk]
+
+    return _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, scale)
+
+
+def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, scale):
+    length, h, d = q.shape
+    group = h // kv_heads
+    q_rows = (q.to(torch.float32).reshape(length, kv_heads, group, d)
+              .permute(1, 0, 2, 3).reshape(kv_heads, length * group, d))
+    q_pos = positions.repeat_interleave(group).unsqueeze(0).expand(kv_heads, -1).contiguous()
+    out = _attend(q_rows, q_pos, tiles, num_splits, scale)
+    return (out.reshape(kv_heads, length, group, d).permute(1, 0, 2, 3)
+            .reshape(length, h, d).to(q.dtype))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     split_size: int) -> torch.Tensor:
+    """Causal self-attention of one contiguous sequence, bitwise what the paged kernels give.
+    q [L, H, D], k/v [L, kv_heads, D]. For trainers scoring whole sequences."""
+    length, kv_heads, d = k.shape
+    num_splits = (length + split_size - 1) // split_size
+    padded = num_splits * split_size
+    k = F.pad(k, (0, 0, 0, 0, 0, padded - length)).reshape(num_splits, split_size, kv_heads, d)
+    v = F.pad(v, (0, 0, 0, 0, 0, padded - length)).reshape(num_splits, split_size, kv_heads, d)
+    k_tiles = k.permute(0, 2, 3, 1).contiguous()  # [splits, kv_heads, D, S]
+    v_tiles = v.permute(0, 2, 1, 3).contiguous()  # [splits, kv_heads, S, D]
+    positions = torch.arange(length, device=q.device)
+    return _dense_rows_attend(q, positions, kv_heads, lambda s: (k_tiles[s], v_tiles[s]),
+                              num_splits, scale)

@@ -1,0 +1,296 @@
+"""The engine: requests in, completions with log-probs out.
+
+One loop drives everything (`step`: schedule, run, postprocess); it runs on a background thread
+whenever there is work, so synchronous `generate`, asyncio callers and control calls (weight
+updates, memory release) all meet at the same scheduler, one step at a time.
+"""
+
+import asyncio
+import itertools
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from rollout.block_manager import BlockManager
+from rollout.config import EngineConfig, ModelConfig
+from rollout.model_runner import ModelRunner
+from rollout.outputs import CompletionOutput, RequestOutput
+from rollout.sampling_params import SamplingParams
+from rollout.scheduler import Scheduler
+from rollout.sequence import Sequence
+from rollout.tokenizer import load_tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    on_update: Callable[[RequestOutput | None, BaseException | None], None]
+    stream: bool = False
+    emitted: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class _Waiter:
+    """Completion handle for a synchronous caller."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.output: RequestOutput | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, output, error):
+        if error is not None or output.finished:
+            self.output, self.error = output, error
+            self.event.set()
+
+    def result(self) -> RequestOutput:
+        self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.output
+
+
+class Engine:
+    """A rollout engine over one Hugging Face checkpoint.
+
+    `Engine(path)` loads the model onto the device (CUDA when present, else CPU);
+    `Engine()` uses the built-in preset model (random weights, realistic shape).
+    Keyword arguments are the fields of `EngineConfig`.
+    """
+
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, **kwargs):
+        if model is None:
+            from rollout.presets import preset_path
+            model = str(preset_path())
+        self.config = EngineConfig(model=str(model), **kwargs)
+        self.model_config = ModelConfig.from_pretrained(model)
+        limit = self.model_config.max_position_embeddings
+        self.max_model_len = self.config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.runner = ModelRunner(self.config, self.model_config, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
+                                   self.config.max_num_batched_tokens, self.max_model_len,
+                                   self.model_config.eos_token_ids,
+                                   self.tokenizer.decode if self.tokenizer else None)
+        self.weight_version = 0
+        self._requests: dict[str, _Request] = {}
+        self._cond = threading.Condition(threading.RLock())
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> None:
+        """Schedule, run, postprocess: one forward pass over the running batch."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        samples = self.runner.run(batch, self.model_config.eos_token_ids)
+        finished, copies = self.scheduler.postprocess(batch, samples, self.weight_version)
+        self.runner.copy_blocks(copies)
+        self._emit({s.request_id for s in batch.sampling} | {s.request_id for s in finished})
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self.scheduler.has_work():
+                    self._thread = None
+                    return
+                try:
+                    self.step()
+                except Exception as e:  # fail what was running, keep serving
+                    self._fail_all(e)
+
+    def _kick(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ requests
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {prompt[:40]!r} is a string, but the model at "
+                                 f"{self.config.model!r} has no tokenizer; pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got "
+                             f"{type(prompt).__name__}")
+        return None, list(prompt)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        if not token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        bad = [(i, t) for i, t in enumerate(token_ids) if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0][1]} at position {bad[0][0]} is out of range "
+                             f"[0, {vocab})")
+        room = self.max_model_len - len(token_ids)
+        if params.max_tokens is None:
+            if room < 1:
+                raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room in "
+                                 f"max_model_len {self.max_model_len}")
+            params = SamplingParams(**{**params.__dict__, "max_tokens": room})
+        elif params.max_tokens > room:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens})"
+                             f" exceeds the model's context of {self.max_model_len} tokens")
+        blocks = -(-(len(token_ids) + params.max_tokens) // self.config.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(f"the request needs {blocks} KV blocks but the cache holds only "
+                             f"{self.block_manager.num_blocks}; lower max_tokens or raise "
+                             "kv_cache_memory")
+        return params
+
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None,
+                 request_id: str | None) -> tuple[str, str | None, list[int], SamplingParams]:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got "
+                             f"{type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        params = self._validate(token_ids, params)
+        if request_id is not None and request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return request_id or f"req-{next(self._ids)}", text, token_ids, params
+
+    def _submit(self, prepared, on_update, stream: bool = False) -> str:
+        request_id, text, token_ids, params = prepared
+        seqs = []
+        for i in range(params.n):
+            seed = secrets.randbits(63) if params.seed is None else (params.seed + i) % 2**63
+            seqs.append(Sequence(next(self._ids), request_id, i, token_ids, params, seed,
+                                 self.config.block_size))
+        seqs[0].forks = seqs[1:]
+        with self._cond:
+            self._check_can_generate()
+            self._requests[request_id] = _Request(request_id, text, token_ids, seqs, on_update,
+                                                  stream, [0] * len(seqs))
+            self.scheduler.add(seqs[0])
+            self._kick()
+        return request_id
+
+    def _check_can_generate(self) -> None:
+        """Hook for states that refuse new work (incomplete weights, released memory)."""
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            text = seq.text
+            if self.tokenizer is not None and not (seq.params.stop and seq.finish_reason):
+                text = self.tokenizer.decode(seq.output_token_ids)
+            outs.append(CompletionOutput(
+                index=seq.index, token_ids=seq.output_token_ids, logprobs=list(seq.logprobs),
+                finish_reason=seq.finish_reason, cached_tokens=seq.num_cached_tokens,
+                seed=seq.seed, weight_version=seq.weight_version,
+                text=text if self.tokenizer is not None else None,
+                top_logprobs=list(seq.top_logprobs) if seq.params.top_logprobs else None,
+                stop_reason=seq.stop_reason))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             req.finished)
+
+    def _emit(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            req = self._requests.get(rid)
+            if req is None:
+                continue
+            if req.finished:
+                del self._requests[rid]
+                req.on_update(self._output(req), None)
+            elif req.stream:
+                req.on_update(self._output(req), None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for req in list(self._requests.values()):
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "abort")
+            del self._requests[req.request_id]
+            req.on_update(None, error)
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now; its completions keep the tokens made so far (finish "abort")."""
+        with self._cond:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "abort")
+            self._emit({request_id})
+            return True
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (token-id lists or strings); outputs in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            sampling_params = [sampling_params] * len(prompts)
+        elif len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} "
+                             "prompts; pass one, or one per prompt")
+        prepared = [self._prepare(p, sp, None) for p, sp in zip(prompts, sampling_params)]
+        waiters = [_Waiter() for _ in prepared]
+        for prep, waiter in zip(prepared, waiters):
+            self._submit(prep, waiter)
+        with tqdm(total=len(waiters), disable=not use_tqdm, desc="generate") as bar:
+            results = []
+            for waiter in waiters:
+                results.append(waiter.result())
+                bar.update(1)
+        return results
+
+    async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                             request_id: str | None = None) -> RequestOutput:
+        """Generate for one prompt from asyncio; other requests may join while it runs."""
+        final = None
+        async for out in self.generate_stream(prompt, sampling_params, request_id, _final=True):
+            final = out
+        return final
+
+    async def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                              request_id: str | None = None,
+                              _final: bool = False) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every step that adds tokens; the last is final."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        prepared = self._prepare(prompt, sampling_params, request_id)
+
+        def on_update(output, error):
+            loop.call_soon_threadsafe(queue.put_nowait, (output, error))
+
+        rid = self._submit(prepared, on_update, stream=not _final)
+        try:
+            while True:
+                output, error = await queue.get()
+                if error is not None:
+                    raise error
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if rid in self._requests:
+                self.abort(rid)

@@ -1,0 +1,92 @@
+"""Hugging Face checkpoint directories: config, safetensors shards, model construction."""
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kernels import Ops
+from rollout.config import ModelConfig
+from rollout.models import MODEL_CLASSES, DecoderForCausalLM, WeightTarget
+
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {str(path)!r} (only safetensors "
+                                "checkpoints are supported)")
+    return files
+
+
+def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if not name.endswith(IGNORED_SUFFIXES):
+                        yield name, f.get_tensor(name)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"cannot read checkpoint file {str(file)!r}: {e} "
+                             "(the file is truncated or corrupt)") from e
+        except Exception as e:  # safetensors raises its own SafetensorError type
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"cannot read checkpoint file {str(file)!r}: {e} "
+                             "(the file is truncated or corrupt)") from e
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(cfg: ModelConfig, ops: Ops, device: torch.device, dtype: torch.dtype,
+                max_positions: int) -> DecoderForCausalLM:
+    """Allocate the model's parameters once, uninitialized, on the device."""
+    with _default_dtype(dtype), torch.device(device):
+        return MODEL_CLASSES[cfg.architecture](ops, cfg, dtype, max_positions)
+
+
+def load_weights(targets: dict[str, WeightTarget],
+                 named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Copy checkpoint tensors into their targets, in place. Returns the names loaded."""
+    loaded = set()
+    for name, tensor in named_tensors:
+        target = targets.get(name)
+        if target is None:
+            raise ValueError(f"checkpoint tensor {name!r} is not a parameter of this model")
+        if tuple(tensor.shape) != target.shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {target.shape}")
+        target.view().copy_(tensor)
+        loaded.add(name)
+    return loaded
+
+
+def load_checkpoint(model: DecoderForCausalLM, path: str | Path) -> None:
+    targets = model.weight_targets()
+    loaded = load_weights(targets, iter_checkpoint(path))
+    missing = sorted(set(targets) - loaded - {"lm_head.weight"} if model.cfg.tie_word_embeddings
+                     else set(targets) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} tensors the model "
+                         f"needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}")

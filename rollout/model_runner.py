@@ -1,0 +1,158 @@
+"""Owns the device state (weights, KV cache) and turns a scheduled batch into logits.
+
+All tensors of a step are built here, in `prepare`."""
+
+import torch
+
+from kernels import get_ops
+from rollout.config import EngineConfig, ModelConfig
+from rollout.context import ForwardContext, PrefillSegment, forward_context
+from rollout.loader import build_model, load_checkpoint
+from rollout.sampler import Sampler, SampleSpec
+from rollout.scheduler import Sample, ScheduledBatch
+from rollout.sequence import Sequence
+
+_CPU_KV_CACHE_DEFAULT = 4 << 30
+
+
+def _available_host_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int):
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype(model_config.checkpoint_dtype)
+        self.block_size = config.block_size
+        self.ops = get_ops(self.device, config.deterministic)
+        self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
+        load_checkpoint(self.model, config.model)
+        self.sampler = Sampler(self.ops.log_softmax)
+        self.num_blocks = self._num_blocks(max_model_len)
+        self.k_cache = self.v_cache = None
+        self.allocate_kv_cache()
+
+    @property
+    def block_bytes(self) -> int:
+        cfg = self.model_config
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.block_size * elt
+
+    def _num_blocks(self, max_model_len: int) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.85)
+            else:
+                budget = min(_CPU_KV_CACHE_DEFAULT, int(_available_host_memory() * 0.3))
+        enough = -(-max_model_len // self.block_size) * self.config.max_num_seqs
+        blocks = min(budget // self.block_bytes, enough)
+        if blocks < 1:
+            raise ValueError(f"kv_cache_memory ({budget} bytes) holds no KV block "
+                             f"({self.block_bytes} bytes each)")
+        return blocks
+
+    def allocate_kv_cache(self) -> None:
+        cfg, n, s = self.model_config, self.num_blocks, self.block_size
+        shape = (cfg.num_layers, n, cfg.num_kv_heads)
+        self.k_cache = torch.zeros(*shape, cfg.head_dim, s, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(*shape, s, cfg.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.attn.k_cache = self.k_cache[i]
+            layer.self_attn.attn.v_cache = self.v_cache[i]
+
+    def free_kv_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = torch.empty(0)
+        self.k_cache = self.v_cache = None
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if pairs:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*pairs))
+            self.k_cache[:, dst] = self.k_cache[:, src]
+            self.v_cache[:, dst] = self.v_cache[:, src]
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        s = self.block_size
+        return [seq.block_table[p // s] * s + p % s for p in range(start, end)]
+
+    def prepare(self, batch: ScheduledBatch):
+        """Flat token rows (prefill chunks first, then decodes) and their attention metadata."""
+        device = self.device
+        ids, positions, slots, prefills = [], [], [], []
+        for seq, n in batch.prefills:
+            start, first = len(ids), seq.num_computed_tokens
+            ids += seq.token_ids[first:first + n]
+            positions += range(first, first + n)
+            slots += self._slots(seq, first, first + n)
+            blocks = -(-(first + n) // self.block_size)
+            prefills.append(PrefillSegment(
+                start, start + n, torch.tensor(seq.block_table[:blocks], device=device),
+                torch.arange(first, first + n, device=device)))
+        ctx = ForwardContext(slot_mapping=torch.empty(0), prefills=prefills, decode_start=len(ids))
+        if batch.decodes:
+            width = max(len(seq.block_table) for seq in batch.decodes)
+            tables = [seq.block_table + [0] * (width - len(seq.block_table))
+                      for seq in batch.decodes]
+            for seq in batch.decodes:
+                ids.append(seq.token_ids[-1])
+                positions.append(seq.num_tokens - 1)
+                slots += self._slots(seq, seq.num_tokens - 1, seq.num_tokens)
+            ctx.decode_block_tables = torch.tensor(tables, device=device)
+            ctx.decode_context_lens = torch.tensor([s.num_tokens for s in batch.decodes],
+                                                   device=device)
+        ctx.slot_mapping = torch.tensor(slots, device=device)
+        return (torch.tensor(ids, device=device), torch.tensor(positions, device=device), ctx)
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch, rows: list[int]) -> torch.Tensor:
+        """Logits at the given flat rows."""
+        input_ids, positions, ctx = self.prepare(batch)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+
+    def run(self, batch: ScheduledBatch, eos_token_ids: tuple[int, ...]) -> dict[int, Sample]:
+        """One step: forward the batch, sample every sequence whose last token was computed."""
+        specs, rows, row = [], [], -1
+        ends = {}
+        for seq, n in batch.prefills:
+            row += n
+            ends[seq.seq_id] = row
+        for seq in batch.decodes:
+            row += 1
+            ends[seq.seq_id] = row
+        for seq in batch.sampling:
+            rows.append(ends[seq.seq_id])
+            for target in (seq, *seq.forks):
+                specs.append(_spec(len(rows) - 1, target, eos_token_ids))
+        if not rows:
+            with torch.inference_mode():
+                input_ids, positions, ctx = self.prepare(batch)
+                with forward_context(ctx):
+                    self.model(input_ids, positions)
+            return {}
+        logits = self.forward(batch, rows)
+        with torch.inference_mode():
+            return self.sampler(logits, specs)
+
+
+def _spec(row: int, seq: Sequence, eos_token_ids: tuple[int, ...]) -> SampleSpec:
+    p = seq.params
+    suppress = ()
+    if seq.num_output_tokens < p.min_tokens:
+        suppress = tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos
+                                                          else set(eos_token_ids))))
+    return SampleSpec(row=row, seq_id=seq.seq_id, temperature=p.temperature, top_k=p.top_k,
+                      top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
+                      position=seq.num_output_tokens, suppress=suppress,
+                      top_logprobs=p.top_logprobs)

@@ -1,0 +1,118 @@
+"""Token sampling with per-request randomness and trainer-exact log-probs.
+
+Randomness comes from no global RNG: the uniform for (seed, output position) is a counter-based
+hash, and the token is drawn by inverse CDF over the (truncated) distribution of that row alone.
+So a sample depends only on its own logits row, seed and position: never on the batch, and a
+returned seed replays it exactly.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from rollout.scheduler import Sample
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, position: int) -> float:
+    """A float32-exact uniform in (0, 1) for (seed, position)."""
+    h = splitmix64(splitmix64(seed) ^ position)
+    return ((h >> 40) + 0.5) / (1 << 24)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to draw from one logits row."""
+    row: int
+    seq_id: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+    position: int
+    suppress: tuple[int, ...] = ()
+    top_logprobs: int = 0
+
+
+class Sampler:
+    def __init__(self, log_softmax):
+        self.log_softmax = log_softmax
+
+    def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> dict[int, Sample]:
+        if not specs:
+            return {}
+        device = logits.device
+        rows = torch.tensor([s.row for s in specs], device=device)
+        temps = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in specs],
+                             device=device, dtype=torch.float32)
+        scaled = logits.index_select(0, rows).to(torch.float32) / temps.unsqueeze(1)
+        logprobs = self.log_softmax(scaled)
+        suppressed = [(i, list(s.suppress)) for i, s in enumerate(specs) if s.suppress]
+        if suppressed:
+            scaled = scaled.clone()
+            for i, ids in suppressed:
+                scaled[i, ids] = float("-inf")
+        tokens = torch.empty(len(specs), dtype=torch.long, device=device)
+        greedy = [i for i, s in enumerate(specs) if s.temperature == 0]
+        if greedy:
+            tokens[greedy] = scaled[greedy].argmax(-1)
+        rand = [i for i, s in enumerate(specs) if s.temperature > 0]
+        if rand:
+            probs = torch.exp(logprobs[rand])
+            for j, i in enumerate(rand):
+                if specs[i].suppress:
+                    probs[j, list(specs[i].suppress)] = 0.0
+            tokens[rand] = self._draw(probs, [specs[i] for i in rand])
+        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        top_k = max(s.top_logprobs for s in specs)
+        top = torch.topk(logprobs, top_k, dim=-1) if top_k else None
+        token_list, chosen_list = tokens.tolist(), chosen.tolist()
+        out = {}
+        for i, s in enumerate(specs):
+            tops = None
+            if s.top_logprobs:
+                tops = dict(zip(top.indices[i, :s.top_logprobs].tolist(),
+                                top.values[i, :s.top_logprobs].tolist()))
+            out[s.seq_id] = Sample(token_list[i], chosen_list[i], tops)
+        return out
+
+    def _draw(self, probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+        probs = _truncate(probs, specs)
+        cdf = torch.cumsum(probs, dim=-1)
+        u = torch.tensor([uniform(s.seed, s.position) for s in specs], device=probs.device,
+                         dtype=torch.float32)
+        target = (u * cdf[:, -1]).unsqueeze(1)
+        idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        return idx.clamp_(max=probs.shape[1] - 1)
+
+
+def _truncate(probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """Zero the tokens outside top-k, then top-p (of the renormalized rest), then min-p."""
+    k = torch.tensor([s.top_k for s in specs], device=probs.device)
+    if bool((k > 0).any()):
+        kmax = int(k.max())
+        values = torch.topk(probs, min(kmax, probs.shape[1]), dim=-1).values
+        kth = values.gather(1, (k.clamp(min=1, max=values.shape[1]) - 1).unsqueeze(1))
+        keep = (probs >= kth) | (k == 0).unsqueeze(1)
+        probs = probs * keep
+    p = torch.tensor([s.top_p for s in specs], device=probs.device, dtype=probs.dtype)
+    if bool((p < 1).any()):
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop_sorted = cum - sorted_p >= p.unsqueeze(1) * cum[:, -1:]
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    min_p = torch.tensor([s.min_p for s in specs], device=probs.device, dtype=probs.dtype)
+    if bool((min_p > 0).any()):
+        threshold = probs.amax(-1, keepdim=True) * min_p.unsqueeze(1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs

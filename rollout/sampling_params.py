@@ -1,0 +1,67 @@
+from dataclasses import dataclass, field, fields
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one prompt. Shaped like vLLM's SamplingParams.
+
+    temperature 0 is greedy. Reported log-probs are those of log_softmax(logits / temperature)
+    over the full vocabulary (temperature 0 counts as 1), before top-k/top-p/min-p truncation:
+    what a trainer recomputes.
+    """
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+    seed: int | None = None
+    logprobs: bool = True
+    top_logprobs: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", [self.stop])
+        object.__setattr__(self, "stop", list(self.stop or []))
+        object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids or []))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 or -1 disables it)"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             f"must be <= max_tokens ({self.max_tokens})"),
+            (self.n >= 1, "n", "must be >= 1"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "must be non-negative token ids"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        """From a JSON-like dict (HTTP APIs); unknown keys are refused by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,200 @@
+"""Continuous batching: which sequences run this step, with how many tokens each.
+
+Running sequences go first (decodes and unfinished prefills, in arrival order), then waiting ones,
+all within one token budget per step. Prefill chunks end on block boundaries, so chunking never
+splits an attention split. When the KV cache runs out, the most recently admitted sequence is
+preempted and later recomputed (its tokens are kept; recomputation gives the same bits).
+"""
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rollout.block_manager import BlockManager
+from rollout.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, new tokens)
+    decodes: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.prefills) + len(self.decodes)
+
+    @property
+    def sampling(self) -> list[Sequence]:
+        """Sequences whose last token is computed this step (valid until postprocess)."""
+        done = [s for s, n in self.prefills if s.num_computed_tokens + n == s.num_tokens]
+        return done + self.decodes
+
+    def __bool__(self) -> bool:
+        return bool(self.prefills or self.decodes)
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class SchedulerStats:
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    steps: int = 0
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: tuple[int, ...],
+                 detokenize: Callable[[list[int]], str] | None = None):
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.detokenize = detokenize
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        remaining = seq.num_uncomputed_tokens
+        if remaining <= budget:
+            return remaining
+        end = (seq.num_computed_tokens + budget) // self.block_size * self.block_size
+        return max(0, end - seq.num_computed_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _place(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        if n == 1 and seq.num_uncomputed_tokens == 1:
+            batch.decodes.append(seq)
+        else:
+            batch.prefills.append((seq, n))
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING or budget == 0:
+                continue
+            n = self._chunk(seq, budget)
+            if n == 0:
+                continue
+            while not self.block_manager.allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                self._place(batch, seq, n)
+                budget -= n
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            fresh = not seq.block_table
+            if fresh:
+                seq.num_computed_tokens = self.block_manager.match_prefix(seq)
+            n = self._chunk(seq, budget)
+            if n == 0 or not self.block_manager.allocate(seq, n):
+                if fresh:
+                    self.block_manager.free_sequence(seq)
+                break
+            if seq.num_output_tokens == 0 and not seq.num_cached_tokens:
+                seq.num_cached_tokens = seq.num_computed_tokens
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._place(batch, seq, n)
+            budget -= n
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, samples: dict[int, Sample],
+                    weight_version: int | None) -> tuple[list[Sequence], list[tuple[int, int]]]:
+        """Advance the batch's sequences and append their samples (keyed by seq_id, forks
+        included). Returns the sequences that finished and the KV blocks to copy for forks."""
+        sampling = batch.sampling
+        self.stats.steps += 1
+        self.stats.decode_tokens += len(batch.decodes)
+        for seq, n in batch.prefills:
+            self.stats.prefill_tokens += n
+        for seq, n in [*batch.prefills, *((s, 1) for s in batch.decodes)]:
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        finished, copies = [], []
+        for seq in sampling:
+            forks, seq.forks = seq.forks, []
+            for child in forks:
+                copies.extend(self._fork(seq, child))
+                self._append(child, samples[child.seq_id], weight_version, finished)
+            self._append(seq, samples[seq.seq_id], weight_version, finished)
+        return finished, copies
+
+    def _fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
+        partial = parent.num_computed_tokens % self.block_size != 0
+        if partial and self.block_manager.num_free_blocks == 0:
+            child.status = SequenceStatus.WAITING  # recomputed later, sharing full blocks
+            self.waiting.appendleft(child)
+            return []
+        copy = self.block_manager.fork(parent, child)
+        child.num_cached_tokens = child.num_prompt_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+        return [copy] if copy else []
+
+    def _append(self, seq: Sequence, sample: Sample, weight_version: int | None,
+                finished: list[Sequence]) -> None:
+        seq.append(sample.token_id, sample.logprob, sample.top_logprobs)
+        if seq.weight_version is None:
+            seq.weight_version = weight_version
+        reason = self._stop_reason(seq)
+        if reason is not None:
+            self.finish(seq, reason)
+            finished.append(seq)
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        params, token = seq.params, seq.token_ids[-1]
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            seq.stop_reason = token
+            return "stop"
+        if params.stop and self.detokenize is not None:
+            seq.text = self.detokenize(seq.output_token_ids)
+            for stop in params.stop:
+                cut = seq.text.find(stop)
+                if cut != -1:
+                    seq.text, seq.stop_reason = seq.text[:cut], stop
+                    return "stop"
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End `seq` now (stop, length or abort) and give back its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,31 @@
+from pathlib import Path
+
+
+class Tokenizer:
+    """Text <-> token ids, from a checkpoint's tokenizer.json (or transformers as a fallback)."""
+
+    def __init__(self, encode, decode, vocab_size: int):
+        self._encode, self._decode = encode, decode
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._decode(token_ids)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as FastTokenizer
+        tok = FastTokenizer.from_file(str(path / "tokenizer.json"))
+        return Tokenizer(lambda text: tok.encode(text).ids,
+                         lambda ids: tok.decode(ids, skip_special_tokens=True),
+                         tok.get_vocab_size())
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(path))
+        return Tokenizer(tok.encode, lambda ids: tok.decode(ids, skip_special_tokens=True),
+                         len(tok))
+    return None
