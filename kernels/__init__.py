@@ -20,6 +20,7 @@ class Ops:
     rms_norm: Callable
     silu_and_mul: Callable
     log_softmax: Callable
+    softmax_parts: Callable
     store_kv: Callable
     decode_attention: Callable
     prefill_attention: Callable
@@ -27,7 +28,8 @@ class Ops:
 
 def _ops_from(module) -> Ops:
     return Ops(module.linear, module.rms_norm, module.silu_and_mul, module.log_softmax,
-               module.store_kv, module.decode_attention, module.prefill_attention)
+               module.softmax_parts, module.store_kv, module.decode_attention,
+               module.prefill_attention)
 
 
 def get_ops(device: torch.device | str, deterministic: bool = True) -> Ops:

@@ -20,15 +20,18 @@ _tile_cache: dict[tuple, tuple[int, ...]] = {}
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension in a fixed pairwise order."""
+    """Sum over the last dimension in a fixed pairwise order: halving over the width padded
+    with zeros to a power of two (the padding is never materialized: adding 0 is exact)."""
     n = x.shape[-1]
-    width = 1 << max(n - 1, 0).bit_length()
-    if width != n:
-        x = F.pad(x, (0, width - n))
-    while width > 1:
-        width //= 2
-        x = x[..., :width] + x[..., width:]
-    return x[..., 0]
+    if n == 1:
+        return x[..., 0]
+    half = 1 << (n - 1).bit_length() - 1
+    y = x[..., :half].clone()
+    y[..., :n - half] += x[..., half:]
+    while half > 1:
+        half //= 2
+        y = y[..., :half] + y[..., half:]
+    return y[..., 0]
 
 
 def mean_last(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
@@ -116,11 +119,19 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return silu(gate) * up
 
 
-def log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dimension, in float32."""
+def softmax_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z = x - max, e = exp(z), s = sum(e) over the last dimension, in float32. log_softmax is
+    z - log(s); a sampler can draw from e and price one token without the full log_softmax."""
     x = x.to(torch.float32)
     z = x - x.amax(-1, keepdim=True)
-    return z - torch.log(tree_sum(torch.exp(z))).unsqueeze(-1)
+    e = torch.exp(z)
+    return z, e, tree_sum(e)
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in float32."""
+    z, _, s = softmax_parts(x)
+    return z - torch.log(s).unsqueeze(-1)
 
 
 # ---------------------------------------------------------------- attention

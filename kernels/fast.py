@@ -26,10 +26,18 @@ def log_softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(x.to(torch.float32), dim=-1)
 
 
+def softmax_parts(x: torch.Tensor):
+    x = x.to(torch.float32)
+    z = x - x.amax(-1, keepdim=True)
+    e = torch.exp(z)
+    return z, e, e.sum(-1)
+
+
 def _gather(k_cache, v_cache, block_tables):
     n, blocks = block_tables.shape
-    k = k_cache[block_tables].permute(0, 2, 1, 4, 3)  # [N, kv_heads, blocks, S, D]
-    v = v_cache[block_tables].transpose(1, 2)
+    flat = block_tables.reshape(-1)
+    k = k_cache.index_select(0, flat).unflatten(0, (n, blocks)).permute(0, 2, 1, 4, 3)
+    v = v_cache.index_select(0, flat).unflatten(0, (n, blocks)).transpose(1, 2)
     kv_heads, size, d = v.shape[1], v.shape[3], v.shape[4]
     return (k.reshape(n, kv_heads, blocks * size, d), v.reshape(n, kv_heads, blocks * size, d))
 

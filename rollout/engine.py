@@ -10,7 +10,7 @@ import itertools
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -34,7 +34,6 @@ class _Request:
     seqs: list[Sequence]
     on_update: Callable[[RequestOutput | None, BaseException | None], None]
     stream: bool = False
-    emitted: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -171,21 +170,22 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id or f"req-{next(self._ids)}", text, token_ids, params
 
-    def _submit(self, prepared, on_update, stream: bool = False) -> str:
-        request_id, text, token_ids, params = prepared
-        seqs = []
-        for i in range(params.n):
-            seed = secrets.randbits(63) if params.seed is None else (params.seed + i) % 2**63
-            seqs.append(Sequence(next(self._ids), request_id, i, token_ids, params, seed,
-                                 self.config.block_size))
-        seqs[0].forks = seqs[1:]
+    def _submit(self, prepared: list, on_update: list, stream: bool = False) -> None:
+        """Queue requests together, so that the loop sees them in one batch."""
         with self._cond:
             self._check_can_generate()
-            self._requests[request_id] = _Request(request_id, text, token_ids, seqs, on_update,
-                                                  stream, [0] * len(seqs))
-            self.scheduler.add(seqs[0])
+            for (request_id, text, token_ids, params), callback in zip(prepared, on_update):
+                seqs = []
+                for i in range(params.n):
+                    seed = (secrets.randbits(63) if params.seed is None
+                            else (params.seed + i) % 2**63)
+                    seqs.append(Sequence(next(self._ids), request_id, i, token_ids, params, seed,
+                                         self.config.block_size))
+                seqs[0].forks = seqs[1:]
+                self._requests[request_id] = _Request(request_id, text, token_ids, seqs,
+                                                      callback, stream)
+                self.scheduler.add(seqs[0])
             self._kick()
-        return request_id
 
     def _check_can_generate(self) -> None:
         """Hook for states that refuse new work (incomplete weights, released memory)."""
@@ -254,8 +254,7 @@ class Engine:
                              "prompts; pass one, or one per prompt")
         prepared = [self._prepare(p, sp, None) for p, sp in zip(prompts, sampling_params)]
         waiters = [_Waiter() for _ in prepared]
-        for prep, waiter in zip(prepared, waiters):
-            self._submit(prep, waiter)
+        self._submit(prepared, waiters)
         with tqdm(total=len(waiters), disable=not use_tqdm, desc="generate") as bar:
             results = []
             for waiter in waiters:
@@ -282,7 +281,8 @@ class Engine:
         def on_update(output, error):
             loop.call_soon_threadsafe(queue.put_nowait, (output, error))
 
-        rid = self._submit(prepared, on_update, stream=not _final)
+        rid = prepared[0]
+        self._submit([prepared], [on_update], stream=not _final)
         try:
             while True:
                 output, error = await queue.get()

@@ -33,7 +33,7 @@ class ModelRunner:
         self.ops = get_ops(self.device, config.deterministic)
         self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
         load_checkpoint(self.model, config.model)
-        self.sampler = Sampler(self.ops.log_softmax)
+        self.sampler = Sampler(self.ops.softmax_parts)
         self.num_blocks = self._num_blocks(max_model_len)
         self.k_cache = self.v_cache = None
         self.allocate_kv_cache()

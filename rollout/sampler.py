@@ -44,8 +44,8 @@ class SampleSpec:
 
 
 class Sampler:
-    def __init__(self, log_softmax):
-        self.log_softmax = log_softmax
+    def __init__(self, softmax_parts):
+        self.softmax_parts = softmax_parts
 
     def __call__(self, logits: torch.Tensor, specs: list[SampleSpec]) -> dict[int, Sample]:
         if not specs:
@@ -55,26 +55,28 @@ class Sampler:
         temps = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in specs],
                              device=device, dtype=torch.float32)
         scaled = logits.index_select(0, rows).to(torch.float32) / temps.unsqueeze(1)
-        logprobs = self.log_softmax(scaled)
-        suppressed = [(i, list(s.suppress)) for i, s in enumerate(specs) if s.suppress]
-        if suppressed:
-            scaled = scaled.clone()
-            for i, ids in suppressed:
-                scaled[i, ids] = float("-inf")
+        z, e, total = self.softmax_parts(scaled)
+        log_total = torch.log(total)
         tokens = torch.empty(len(specs), dtype=torch.long, device=device)
         greedy = [i for i, s in enumerate(specs) if s.temperature == 0]
         if greedy:
-            tokens[greedy] = scaled[greedy].argmax(-1)
+            g = scaled[greedy]
+            for j, i in enumerate(greedy):
+                if specs[i].suppress:
+                    g[j, list(specs[i].suppress)] = float("-inf")
+            tokens[greedy] = g.argmax(-1)
         rand = [i for i, s in enumerate(specs) if s.temperature > 0]
         if rand:
-            probs = torch.exp(logprobs[rand])
+            probs = e[rand]
             for j, i in enumerate(rand):
                 if specs[i].suppress:
                     probs[j, list(specs[i].suppress)] = 0.0
-            tokens[rand] = self._draw(probs, [specs[i] for i in rand])
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            tokens[rand] = _draw(_truncate(probs, [specs[i] for i in rand]),
+                                 [specs[i] for i in rand])
+        # log_softmax(x)[t] = z[t] - log(sum(exp(z))): bitwise the trainer's log_softmax element
+        chosen = z.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total
         top_k = max(s.top_logprobs for s in specs)
-        top = torch.topk(logprobs, top_k, dim=-1) if top_k else None
+        top = torch.topk(z - log_total.unsqueeze(1), top_k, dim=-1) if top_k else None
         token_list, chosen_list = tokens.tolist(), chosen.tolist()
         out = {}
         for i, s in enumerate(specs):
@@ -85,14 +87,36 @@ class Sampler:
             out[s.seq_id] = Sample(token_list[i], chosen_list[i], tops)
         return out
 
-    def _draw(self, probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
-        probs = _truncate(probs, specs)
-        cdf = torch.cumsum(probs, dim=-1)
-        u = torch.tensor([uniform(s.seed, s.position) for s in specs], device=probs.device,
-                         dtype=torch.float32)
-        target = (u * cdf[:, -1]).unsqueeze(1)
-        idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
-        return idx.clamp_(max=probs.shape[1] - 1)
+
+_CDF_BLOCK = 1024
+
+
+def _draw(weights: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """Inverse-CDF draw from unnormalized weights, one uniform per row: first find the block of
+    `_CDF_BLOCK` tokens holding the target mass, then the token inside it."""
+    rows, vocab = weights.shape
+    blocks = -(-vocab // _CDF_BLOCK)
+    padded = torch.nn.functional.pad(weights, (0, blocks * _CDF_BLOCK - vocab))
+    padded = padded.view(rows, blocks, _CDF_BLOCK)
+    block_mass = padded.sum(-1)
+    block_cdf = torch.cumsum(block_mass, dim=-1)
+    u = torch.tensor([uniform(s.seed, s.position) for s in specs], device=weights.device,
+                     dtype=torch.float32)
+    target = u * block_cdf[:, -1]
+    block = torch.searchsorted(block_cdf, target.unsqueeze(1), right=True).squeeze(1)
+    block = torch.minimum(block, _last_nonzero(block_mass))
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0).unsqueeze(1))
+                         .squeeze(1), torch.zeros_like(target))
+    inside = padded[torch.arange(rows, device=weights.device), block]
+    cdf = torch.cumsum(inside, dim=-1)
+    idx = torch.searchsorted(cdf, (target - before).unsqueeze(1), right=True).squeeze(1)
+    idx = torch.minimum(idx, _last_nonzero(inside))
+    return block * _CDF_BLOCK + idx
+
+
+def _last_nonzero(x: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(x.shape[-1], device=x.device)
+    return torch.where(x > 0, positions, -1).amax(-1).clamp(min=0)
 
 
 def _truncate(probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""Shared fixtures: small random-weight Hugging Face checkpoints, written by transformers itself
+and loaded through the same path as a real checkpoint."""
+
+import pytest
+
+from rollout.presets import make_checkpoint
+
+SMALL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+             initializer_range=0.1)
+
+CHECKPOINTS = {
+    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=32)),
+    "qwen2": ("Qwen2ForCausalLM", {}),
+    "llama-tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama-untied": ("LlamaForCausalLM", dict(tie_word_embeddings=False, num_key_value_heads=4)),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """name -> path of a small checkpoint, built on first use."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            arch, extra = CHECKPOINTS[name]
+            made[name] = make_checkpoint(tmp_path_factory.mktemp(name), arch, seed=0,
+                                         **{**SMALL, **extra})
+        return made[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def qwen3_path(checkpoints):
+    return checkpoints("qwen3")

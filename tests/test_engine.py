@@ -1,0 +1,280 @@
+"""Engine behaviour: batching, preemption, chunked prefill, prefix sharing, sampling params,
+bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rollout import Engine, SamplingParams
+
+
+def prompts_of(lengths, seed=0, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def tokens(outputs):
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+def logprob_bits(outputs):
+    return [[torch.tensor(c.logprobs).numpy().tobytes() for c in o.outputs] for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def engine(qwen3_path):
+    return Engine(str(qwen3_path), block_size=16, num_kv_blocks=256, max_num_batched_tokens=256)
+
+
+def test_preemption_and_chunked_prefill_give_the_roomy_tokens(qwen3_path):
+    prompts = prompts_of([5, 40, 77, 130, 21, 64, 99, 150], seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True)] * 4
+    roomy = Engine(str(qwen3_path), block_size=16, num_kv_blocks=512,
+                   max_num_batched_tokens=4096)
+    expected = roomy.generate(prompts, params, use_tqdm=False)
+    assert roomy.scheduler.stats.preemptions == 0
+
+    tight = Engine(str(qwen3_path), block_size=16, num_kv_blocks=16, max_num_batched_tokens=4096)
+    assert tokens(tight.generate(prompts, params, use_tqdm=False)) == tokens(expected)
+    assert tight.scheduler.stats.preemptions > 0
+
+    chunked = Engine(str(qwen3_path), block_size=16, num_kv_blocks=512,
+                     max_num_batched_tokens=32)
+    out = chunked.generate(prompts, params, use_tqdm=False)
+    assert tokens(out) == tokens(expected)
+    assert logprob_bits(out) == logprob_bits(expected)
+    assert all(o.outputs[0].finish_reason == "length" for o in out)
+
+
+def test_group_of_eight_prefills_the_prompt_once(qwen3_path):
+    engine = Engine(str(qwen3_path), block_size=16, num_kv_blocks=256)
+    prompt = prompts_of([200], seed=5)[0]
+    out = engine.generate([prompt], SamplingParams(n=8, temperature=1.0, max_tokens=8,
+                                                   ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs) == 8
+    assert engine.scheduler.stats.prefill_tokens <= 200 + engine.config.block_size
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert [c.cached_tokens for c in out.outputs[1:]] == [200] * 7
+
+
+def test_later_requests_reuse_cached_prefix_blocks(engine):
+    shared = prompts_of([64], seed=11)[0]
+    params = SamplingParams(temperature=0, max_tokens=4)
+    first = engine.generate([shared + [1, 2, 3]], params, use_tqdm=False)[0]
+    second = engine.generate([shared + [4, 5]], params, use_tqdm=False)[0]
+    assert first.outputs[0].cached_tokens == 0
+    assert second.outputs[0].cached_tokens == 64
+
+
+# ------------------------------------------------------------------ sampling parameters
+
+def test_top_k_one_equals_greedy(engine):
+    prompts = prompts_of([9, 33], seed=1)
+    greedy = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    top1 = engine.generate(prompts, SamplingParams(temperature=1.5, top_k=1, seed=3,
+                                                   max_tokens=12), use_tqdm=False)
+    assert tokens(top1) == tokens(greedy)
+
+
+def test_tiny_top_p_and_full_min_p_equal_greedy(engine):
+    prompts = prompts_of([17], seed=2)
+    greedy = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    for params in (SamplingParams(temperature=1.0, top_p=1e-6, seed=1, max_tokens=10),
+                   SamplingParams(temperature=1.0, min_p=1.0, seed=1, max_tokens=10)):
+        assert tokens(engine.generate(prompts, params, use_tqdm=False)) == tokens(greedy)
+
+
+def test_top_k_limits_choices_to_the_k_best(engine):
+    prompt = prompts_of([12], seed=4)[0]
+    out = engine.generate([prompt], SamplingParams(temperature=5.0, top_k=3, n=16, max_tokens=1,
+                                                   seed=0, top_logprobs=3), use_tqdm=False)[0]
+    best3 = set(out.outputs[0].top_logprobs[0])
+    firsts = {c.token_ids[0] for c in out.outputs}
+    assert firsts <= best3 and len(firsts) > 1
+
+
+def test_stop_token_ends_with_reason_stop(engine):
+    prompt = prompts_of([20], seed=6)[0]
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12),
+                           use_tqdm=False)[0].outputs[0]
+    stop_at = free.token_ids[4]
+    first = free.token_ids.index(stop_at)
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12,
+                                                   stop_token_ids=[stop_at]),
+                          use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_stop_string_truncates_text(engine):
+    prompt = prompts_of([25], seed=8)[0]
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16),
+                           use_tqdm=False)[0].outputs[0]
+    stop = next(ch for ch in free.text[2:] if ch.strip() and ch != "\ufffd")
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, stop=[stop]),
+                          use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert stop not in out.text and free.text.startswith(out.text)
+
+
+def eos_checkpoint(src, dst, eos: int):
+    shutil.copytree(src, dst)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((dst / name).read_text())
+        cfg["eos_token_id"] = eos
+        (dst / name).write_text(json.dumps(cfg))
+    return dst
+
+
+def test_eos_min_tokens_and_ignore_eos(qwen3_path, tmp_path):
+    prompt = prompts_of([15], seed=9)[0]
+    base = Engine(str(qwen3_path), block_size=16, num_kv_blocks=64)
+    free = base.generate([prompt], SamplingParams(temperature=0, max_tokens=8),
+                         use_tqdm=False)[0].outputs[0]
+    eos = free.token_ids[0]
+    engine = Engine(str(eos_checkpoint(qwen3_path, tmp_path / "ckpt", eos)), block_size=16,
+                    num_kv_blocks=64)
+    stopped = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8),
+                              use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == [eos] and stopped.finish_reason == "stop"
+    held = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8, min_tokens=4),
+                           use_tqdm=False)[0].outputs[0]
+    assert eos not in held.token_ids[:4] and len(held.token_ids) >= 4
+    ignored = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8,
+                                                       ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0]
+    assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
+
+
+def test_n_and_seed(engine):
+    prompt = prompts_of([30], seed=10)[0]
+    params = SamplingParams(temperature=1.0, n=4, seed=1234, max_tokens=12, ignore_eos=True)
+    a = engine.generate([prompt], params, use_tqdm=False)[0]
+    b = engine.generate([prompt], params, use_tqdm=False)[0]
+    assert len(a.outputs) == 4 and [c.index for c in a.outputs] == [0, 1, 2, 3]
+    assert tokens([a]) == tokens([b]) and logprob_bits([a]) == logprob_bits([b])
+    assert len({tuple(c.token_ids) for c in a.outputs}) == 4
+    replay = engine.generate([prompt], SamplingParams(temperature=1.0, seed=a.outputs[2].seed,
+                                                      max_tokens=12, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0]
+    assert replay.token_ids == a.outputs[2].token_ids
+
+
+def test_unseeded_requests_get_a_seed_that_replays(engine):
+    prompt = prompts_of([14], seed=12)[0]
+    first = engine.generate([prompt], SamplingParams(temperature=1.0, max_tokens=10,
+                                                     ignore_eos=True), use_tqdm=False)[0]
+    seed = first.outputs[0].seed
+    again = engine.generate([prompt], SamplingParams(temperature=1.0, max_tokens=10, seed=seed,
+                                                     ignore_eos=True), use_tqdm=False)[0]
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_max_tokens_and_top_logprobs(engine):
+    prompt = prompts_of([11], seed=13)[0]
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=5, top_logprobs=4),
+                          use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    assert len(out.top_logprobs) == 5
+    for token, logprob, top in zip(out.token_ids, out.logprobs, out.top_logprobs):
+        assert len(top) == 4
+        assert max(top, key=top.get) == token and top[token] == logprob
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
+def test_temperature_scales_the_reported_logprobs(engine, qwen3_path):
+    import transformers
+    prompt = prompts_of([16], seed=14)[0]
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(qwen3_path, dtype=torch.float32)
+    for temperature in (0.5, 2.0):
+        out = engine.generate([prompt], SamplingParams(temperature=temperature, seed=5,
+                                                       max_tokens=6, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0]
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1]
+        ref = torch.log_softmax(logits / temperature, -1)
+        for i, t in enumerate(out.token_ids):
+            assert abs(ref[i, t].item() - out.logprobs[i]) < 1e-4
+
+
+def test_strings_in_text_out(engine):
+    out = engine.generate("hello", SamplingParams(temperature=0, max_tokens=4),
+                          use_tqdm=False)[0]
+    assert out.prompt == "hello"
+    assert out.prompt_token_ids == engine.tokenizer.encode("hello") and len(out.prompt_token_ids) == 5
+    completion = out.outputs[0]
+    assert completion.text == engine.tokenizer.decode(completion.token_ids)
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([600], SamplingParams(), "token id 600 at position 0 is out of range"),
+    ([1, -3], SamplingParams(), "token id -3 at position 1"),
+    ([], SamplingParams(), "prompt is empty"),
+    ([1] * 1000, SamplingParams(max_tokens=100), "exceeds the model's context of 1024"),
+])
+def test_bad_request_is_refused_and_engine_keeps_serving(engine, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate([prompt], params, use_tqdm=False)
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3),
+                          use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (dict(top_p=0.0), "top_p must be in \\(0, 1\\], got 0.0"),
+    (dict(top_p=1.5), "top_p must be in \\(0, 1\\], got 1.5"),
+    (dict(n=0), "n must be >= 1, got 0"),
+    (dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
+    (dict(min_p=2.0), "min_p must be in \\[0, 1\\], got 2.0"),
+])
+def test_bad_sampling_params_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_keyword_is_named():
+    with pytest.raises(TypeError, match="temprature"):
+        SamplingParams(temprature=1.0)
+    with pytest.raises(ValueError, match="temprature"):
+        SamplingParams.from_dict({"temprature": 1.0})
+
+
+def test_string_prompt_without_tokenizer(qwen3_path, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(qwen3_path, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    engine = Engine(str(bare), num_kv_blocks=16)
+    with pytest.raises(ValueError, match="has no tokenizer; pass token ids"):
+        engine.generate("hi", use_tqdm=False)
+    assert engine.generate([[5, 6]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_missing_model_path():
+    with pytest.raises(FileNotFoundError, match="/no/such/model.*does not exist"):
+        Engine("/no/such/model")
+
+
+def test_unsupported_architecture_lists_supported(qwen3_path, tmp_path):
+    ckpt = tmp_path / "gpt2"
+    shutil.copytree(qwen3_path, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*Qwen3ForCausalLM, Qwen2ForCausalLM, "
+                                         "LlamaForCausalLM"):
+        Engine(str(ckpt))
+
+
+def test_truncated_safetensors_file(qwen3_path, tmp_path):
+    ckpt = tmp_path / "truncated"
+    shutil.copytree(qwen3_path, ckpt)
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated or corrupt"):
+        Engine(str(ckpt))
