@@ -1,0 +1,105 @@
+"""`rollout generate | bench` (and `serve`, in integrations/)."""
+
+import argparse
+import json
+import sys
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="Hugging Face checkpoint directory (default: the built-in preset model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+
+
+def _engine_kwargs(args) -> dict:
+    kwargs = {"dtype": args.dtype}
+    if args.device:
+        kwargs["device"] = args.device
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.kv_cache_memory:
+        kwargs["kv_cache_memory"] = args.kv_cache_memory
+    return kwargs
+
+
+def cmd_generate(args) -> int:
+    from rollout import Engine, SamplingParams
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            min_p=args.min_p, max_tokens=args.max_tokens, n=args.n,
+                            seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos)
+    engine = Engine(args.model, **_engine_kwargs(args))
+    prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
+    out = engine.generate([prompt], params, use_tqdm=False)[0]
+    if args.json:
+        print(json.dumps({"prompt_token_ids": out.prompt_token_ids,
+                          "outputs": [c.__dict__ for c in out.outputs]}))
+        return 0
+    for c in out.outputs:
+        header = f"[{c.index}] " if len(out.outputs) > 1 else ""
+        print(f"{header}{c.text!r}" if c.text is not None else header.rstrip())
+        print(f"    token_ids={c.token_ids}\n    finish_reason={c.finish_reason} seed={c.seed} "
+              f"weight_version={c.weight_version}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from rollout import bench
+    from rollout.presets import DEFAULT_PRESET
+    suites = args.suites or list(bench.SUITES)
+    unknown = [s for s in suites if s not in bench.SUITES]
+    if unknown:
+        print(f"unknown bench suite(s) {unknown}; suites: {', '.join(bench.SUITES)}",
+              file=sys.stderr)
+        return 2
+    workload = bench.Workload(args.num_prompts, args.n, args.prompt_len, args.max_tokens)
+    print(f"machine: {bench.machine()}")
+    print(f"model: {args.model or 'built-in preset ' + DEFAULT_PRESET}")
+    for name in suites:
+        for line in bench.SUITES[name](args.model, workload, **_engine_kwargs(args)):
+            print(line, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rollout", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    _engine_args(gen)
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
+    src.add_argument("--prompt-ids", help="prompt token ids, comma separated")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print the full output as JSON")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
+    _engine_args(bench)
+    bench.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    bench.add_argument("--num-prompts", type=int, default=16)
+    bench.add_argument("--n", type=int, default=4)
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--max-tokens", type=int, default=32)
+    bench.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
