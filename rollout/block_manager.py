@@ -62,12 +62,12 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> int:
         """Share the cached blocks that start `seq`; returns how many tokens they cover.
-        The last token is never matched: its logits are needed."""
+        Tokens whose logits are needed (the last one, or a scored response) are never matched."""
         if not self.enable_prefix_caching:
             return 0
         prefix = None
         matched = 0
-        for i in range((seq.num_tokens - 1) // self.block_size):
+        for i in range(seq.num_matchable_tokens // self.block_size):
             tokens = seq.block_tokens(i)
             h = chain_hash(prefix, tokens)
             block_id = self.cached.get(h)

@@ -100,8 +100,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return
-        samples = self.runner.run(batch, self.model_config.eos_token_ids)
-        finished, copies = self.scheduler.postprocess(batch, samples, self.weight_version)
+        samples, scores = self.runner.run(batch, self.model_config.eos_token_ids)
+        finished, copies = self.scheduler.postprocess(batch, samples, scores, self.weight_version)
         self.runner.copy_blocks(copies)
         self._emit({s.request_id for s in batch.sampling} | {s.request_id for s in finished})
 
@@ -170,11 +170,13 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id or f"req-{next(self._ids)}", text, token_ids, params
 
-    def _submit(self, prepared: list, on_update: list, stream: bool = False) -> None:
+    def _submit(self, prepared: list, on_update: list, stream: bool = False,
+                score_from: list[int] | None = None) -> None:
         """Queue requests together, so that the loop sees them in one batch."""
         with self._cond:
             self._check_can_generate()
-            for (request_id, text, token_ids, params), callback in zip(prepared, on_update):
+            for k, ((request_id, text, token_ids, params), callback) in enumerate(
+                    zip(prepared, on_update)):
                 seqs = []
                 for i in range(params.n):
                     seed = (secrets.randbits(63) if params.seed is None
@@ -182,6 +184,8 @@ class Engine:
                     seqs.append(Sequence(next(self._ids), request_id, i, token_ids, params, seed,
                                          self.config.block_size))
                 seqs[0].forks = seqs[1:]
+                if score_from is not None:
+                    seqs[0].score_from = score_from[k]
                 self._requests[request_id] = _Request(request_id, text, token_ids, seqs,
                                                       callback, stream)
                 self.scheduler.add(seqs[0])
@@ -261,6 +265,28 @@ class Engine:
                 results.append(waiter.result())
                 bar.update(1)
         return results
+
+    def score(self, sequences: Seq[list[int]], response_start: int | Seq[int],
+              temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced log-probs of each sequence's tokens from `response_start` on, in one
+        pass through the same kernels as generation: what a trainer's old-log-prob recompute
+        gives, and bitwise the log-probs generation returned for those tokens."""
+        sequences = [list(s) for s in sequences]
+        starts = ([response_start] * len(sequences) if isinstance(response_start, int)
+                  else list(response_start))
+        if len(starts) != len(sequences):
+            raise ValueError(f"got {len(starts)} response starts for {len(sequences)} sequences")
+        params = SamplingParams(temperature=temperature, max_tokens=1)
+        prepared = []
+        for i, (tokens, start) in enumerate(zip(sequences, starts)):
+            if not 1 <= start < len(tokens):
+                raise ValueError(f"response_start {start} of sequence {i} must be in "
+                                 f"[1, {len(tokens)}): at least one prompt and one response token")
+            self._validate(tokens[:-1], params)
+            prepared.append((f"score-{next(self._ids)}", None, tokens, params))
+        waiters = [_Waiter() for _ in prepared]
+        self._submit(prepared, waiters, score_from=starts)
+        return [w.result().outputs[0].logprobs for w in waiters]
 
     async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                              request_id: str | None = None) -> RequestOutput:

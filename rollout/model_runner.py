@@ -114,36 +114,33 @@ class ModelRunner:
         return (torch.tensor(ids, device=device), torch.tensor(positions, device=device), ctx)
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch, rows: list[int]) -> torch.Tensor:
-        """Logits at the given flat rows."""
+    def run(self, batch: ScheduledBatch, eos_token_ids: tuple[int, ...]
+            ) -> tuple[dict[int, Sample], dict[int, list[float]]]:
+        """One step: forward the batch, sample every generating sequence whose last token was
+        computed, and price the response tokens of scoring sequences computed this step."""
+        rows, specs, scoring = [], [], []
+        start = 0
+        for seq, n in [*batch.prefills, *((s, 1) for s in batch.decodes)]:
+            first = seq.num_computed_tokens
+            if seq.score_from is not None:
+                lo, hi = max(first, seq.score_from - 1), min(first + n, seq.num_tokens - 1)
+                if hi > lo:
+                    scoring.append((seq, len(rows), seq.token_ids[lo + 1:hi + 1]))
+                    rows += range(start + lo - first, start + hi - first)
+            elif first + n == seq.num_tokens:
+                rows.append(start + n - 1)
+                specs += [_spec(len(rows) - 1, t, eos_token_ids) for t in (seq, *seq.forks)]
+            start += n
         input_ids, positions, ctx = self.prepare(batch)
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-
-    def run(self, batch: ScheduledBatch, eos_token_ids: tuple[int, ...]) -> dict[int, Sample]:
-        """One step: forward the batch, sample every sequence whose last token was computed."""
-        specs, rows, row = [], [], -1
-        ends = {}
-        for seq, n in batch.prefills:
-            row += n
-            ends[seq.seq_id] = row
-        for seq in batch.decodes:
-            row += 1
-            ends[seq.seq_id] = row
-        for seq in batch.sampling:
-            rows.append(ends[seq.seq_id])
-            for target in (seq, *seq.forks):
-                specs.append(_spec(len(rows) - 1, target, eos_token_ids))
         if not rows:
-            with torch.inference_mode():
-                input_ids, positions, ctx = self.prepare(batch)
-                with forward_context(ctx):
-                    self.model(input_ids, positions)
-            return {}
-        logits = self.forward(batch, rows)
-        with torch.inference_mode():
-            return self.sampler(logits, specs)
+            return {}, {}
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        scores = {seq.seq_id: self.sampler.score(logits[at:at + len(targets)], targets,
+                                                 seq.params.temperature)
+                  for seq, at, targets in scoring}
+        return self.sampler(logits, specs), scores
 
 
 def _spec(row: int, seq: Sequence, eos_token_ids: tuple[int, ...]) -> SampleSpec:

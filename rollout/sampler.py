@@ -88,6 +88,14 @@ class Sampler:
         return out
 
 
+    def score(self, logits: torch.Tensor, targets: list[int], temperature: float) -> list[float]:
+        """log_softmax(logits / temperature)[target] per row, the same bits sampling reports."""
+        t = temperature if temperature > 0 else 1.0
+        z, _, total = self.softmax_parts(logits.to(torch.float32) / t)
+        index = torch.tensor(targets, device=logits.device).unsqueeze(1)
+        return (z.gather(1, index).squeeze(1) - torch.log(total)).tolist()
+
+
 _CDF_BLOCK = 1024
 
 

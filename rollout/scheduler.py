@@ -25,9 +25,10 @@ class ScheduledBatch:
 
     @property
     def sampling(self) -> list[Sequence]:
-        """Sequences whose last token is computed this step (valid until postprocess)."""
+        """Generating sequences whose last token is computed this step (valid until
+        postprocess)."""
         done = [s for s, n in self.prefills if s.num_computed_tokens + n == s.num_tokens]
-        return done + self.decodes
+        return [s for s in done + self.decodes if s.score_from is None]
 
     def __bool__(self) -> bool:
         return bool(self.prefills or self.decodes)
@@ -129,18 +130,26 @@ class Scheduler:
         return batch
 
     def postprocess(self, batch: ScheduledBatch, samples: dict[int, Sample],
-                    weight_version: int | None) -> tuple[list[Sequence], list[tuple[int, int]]]:
-        """Advance the batch's sequences and append their samples (keyed by seq_id, forks
-        included). Returns the sequences that finished and the KV blocks to copy for forks."""
+                    scores: dict[int, list[float]], weight_version: int | None
+                    ) -> tuple[list[Sequence], list[tuple[int, int]]]:
+        """Advance the batch's sequences, append their samples (keyed by seq_id, forks
+        included) and scores. Returns the sequences that finished and the KV blocks to copy
+        for forks."""
         sampling = batch.sampling
         self.stats.steps += 1
         self.stats.decode_tokens += len(batch.decodes)
         for seq, n in batch.prefills:
             self.stats.prefill_tokens += n
+        finished, copies = [], []
         for seq, n in [*batch.prefills, *((s, 1) for s in batch.decodes)]:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        finished, copies = [], []
+            if seq.score_from is not None:
+                seq.logprobs += scores.get(seq.seq_id, [])
+                seq.weight_version = weight_version
+                if seq.num_computed_tokens == seq.num_tokens:
+                    self.finish(seq, "score")
+                    finished.append(seq)
         for seq in sampling:
             forks, seq.forks = seq.forks, []
             for child in forks:

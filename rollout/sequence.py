@@ -38,6 +38,8 @@ class Sequence:
         self.text = ""
         # siblings (other samples of the same prompt) that fork from this one after its prefill
         self.forks: list["Sequence"] = []
+        # scoring only: price tokens from this position on, teacher-forced, and sample nothing
+        self.score_from: int | None = None
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, "
@@ -66,6 +68,11 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_matchable_tokens(self) -> int:
+        """Tokens a prefix-cache hit may cover: logits are needed after them."""
+        return self.num_tokens - 1 if self.score_from is None else self.score_from - 1
 
     @property
     def is_finished(self) -> bool:

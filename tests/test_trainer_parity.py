@@ -1,0 +1,66 @@
+"""A trainer running the Hugging Face model under `kernels.batch_invariant_mode()` computes
+bitwise the log-probs the rollout returned: sampler-trainer KL is exactly 0."""
+
+import pytest
+import torch
+import transformers
+
+import kernels
+from rollout import Engine, SamplingParams
+from tests.conftest import CHECKPOINTS
+
+
+def right_padded(sequences: list[list[int]]):
+    width = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama-untied", "llama-tied"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trainer_logprobs_equal_rollout_bitwise(checkpoints, name, temperature):
+    path = checkpoints(name)
+    engine = Engine(str(path), block_size=kernels.DEFAULT_SPLIT_SIZE, num_kv_blocks=128,
+                    max_num_batched_tokens=96)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist()
+               for n in (3, 17, 40, 70, 5, 33, 64, 9, 120)]
+    outs = engine.generate(prompts, SamplingParams(temperature=temperature, seed=1,
+                                                   max_tokens=24, ignore_eos=True),
+                           use_tqdm=False)
+    ids, mask = right_padded([p + o.outputs[0].token_ids for p, o in zip(prompts, outs)])
+
+    model = getattr(transformers, CHECKPOINTS[name][0]).from_pretrained(
+        path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION)
+    model.train()
+    with kernels.batch_invariant_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)
+        diffs, picked = [], []
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            response = torch.tensor(out.outputs[0].token_ids)
+            rows = logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(response)]
+            trainer = rows.gather(1, response.unsqueeze(1)).squeeze(1)
+            picked.append(trainer)
+            diffs.append((trainer.detach() - torch.tensor(out.outputs[0].logprobs)).abs().max())
+        loss = -torch.cat(picked).mean()
+        loss.backward()
+    assert max(diffs).item() == 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_transformers_runs_normally_beside_our_kernels_package(qwen3_path):
+    """transformers probes for an unrelated hub package also named `kernels`."""
+    from transformers.utils import import_utils
+    assert not import_utils.is_kernels_available()
+    model = transformers.AutoModelForCausalLM.from_pretrained(qwen3_path, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
