@@ -32,23 +32,34 @@ def _ops_from(module) -> Ops:
                module.prefill_attention)
 
 
-def get_ops(device: torch.device | str, deterministic: bool = True) -> Ops:
-    device = torch.device(device)
+BACKENDS = ("auto", "torch", "triton")
+
+
+def backend_module(device: torch.device | str, backend: str = "auto"):
+    """The batch-invariant implementation: Triton on CUDA, torch on the CPU ('auto'). Naming
+    'triton' on the CPU runs the Triton kernels through the interpreter (TRITON_INTERPRET=1)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda"):
+        from kernels import triton_ops
+        return triton_ops
+    from kernels import cpu
+    return cpu
+
+
+def get_ops(device: torch.device | str, deterministic: bool = True,
+            backend: str = "auto") -> Ops:
     if not deterministic:
         from kernels import fast
         return _ops_from(fast)
-    if device.type == "cuda":
-        from kernels import triton_ops
-        return _ops_from(triton_ops)
-    from kernels import cpu
-    return _ops_from(cpu)
+    return _ops_from(backend_module(device, backend))
 
 
-def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE):
+def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "auto"):
     """Context manager for the trainer: torch ops run through the same batch-invariant kernels
     as the engine, so a Hugging Face model computes the rollout's log-probs bitwise."""
     from kernels.mode import BatchInvariantMode
-    return BatchInvariantMode(split_size)
+    return BatchInvariantMode(split_size, backend)
 
 
 def __getattr__(name: str):
@@ -60,4 +71,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
 
 
-__all__ = ["Ops", "get_ops", "batch_invariant_mode", "DEFAULT_SPLIT_SIZE", "HF_ATTENTION"]
+__all__ = ["Ops", "get_ops", "backend_module", "batch_invariant_mode", "DEFAULT_SPLIT_SIZE",
+           "HF_ATTENTION"]

@@ -10,18 +10,14 @@ results are correct, not batch invariant).
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import DEFAULT_SPLIT_SIZE
+from kernels import DEFAULT_SPLIT_SIZE, backend_module
 
 aten = torch.ops.aten
-_active_split_size: list[int] = []
+_active: list["BatchInvariantMode"] = []
 
 
 def _impl(t: torch.Tensor):
-    if t.is_cuda:
-        from kernels import triton_ops
-        return triton_ops
-    from kernels import cpu
-    return cpu
+    return backend_module(t.device, _active[-1].backend if _active else "auto")
 
 
 def _mm(a, b):
@@ -65,18 +61,19 @@ _OVERRIDES = {
 
 
 class BatchInvariantMode(TorchDispatchMode):
-    def __init__(self, split_size: int = DEFAULT_SPLIT_SIZE):
+    def __init__(self, split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "auto"):
         super().__init__()
         if split_size < 1:
             raise ValueError(f"split_size must be >= 1, got {split_size}")
-        self.split_size = split_size
+        backend_module("cpu", backend)  # validates the name
+        self.split_size, self.backend = split_size, backend
 
     def __enter__(self):
-        _active_split_size.append(self.split_size)
+        _active.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        _active_split_size.pop()
+        _active.pop()
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -96,7 +93,7 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
     Returns [B, L, H, D] as the interface expects."""
     if dropout:
         raise ValueError(f"{__name__}.hf_attention does not do dropout (got dropout={dropout})")
-    split = _active_split_size[-1] if _active_split_size else DEFAULT_SPLIT_SIZE
+    split = _active[-1].split_size if _active else DEFAULT_SPLIT_SIZE
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     impl = _impl(query)
     outs = [impl.causal_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),

@@ -135,6 +135,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     deterministic: bool = True
+    kernel_backend: str = "auto"
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -144,6 +145,9 @@ class EngineConfig:
             torch.device(self.device)
         except RuntimeError as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel_backend {self.kernel_backend!r} is not one of auto, torch, "
+                             "triton")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

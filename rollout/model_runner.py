@@ -30,7 +30,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype(model_config.checkpoint_dtype)
         self.block_size = config.block_size
-        self.ops = get_ops(self.device, config.deterministic)
+        self.ops = get_ops(self.device, config.deterministic, config.kernel_backend)
         self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
         load_checkpoint(self.model, config.model)
         self.sampler = Sampler(self.ops.softmax_parts)

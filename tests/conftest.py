@@ -1,9 +1,15 @@
 """Shared fixtures: small random-weight Hugging Face checkpoints, written by transformers itself
 and loaded through the same path as a real checkpoint."""
 
-import pytest
+import os
 
-from rollout.presets import make_checkpoint
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rollout.presets import make_checkpoint  # noqa: E402
 
 SMALL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
