@@ -49,10 +49,13 @@ def backend_module(device: torch.device | str, backend: str = "auto"):
 
 def get_ops(device: torch.device | str, deterministic: bool = True,
             backend: str = "auto") -> Ops:
-    if not deterministic:
-        from kernels import fast
-        return _ops_from(fast)
-    return _ops_from(backend_module(device, backend))
+    invariant = backend_module(device, backend)
+    if deterministic:
+        return _ops_from(invariant)
+    from kernels import fast
+    return Ops(fast.linear, fast.rms_norm, fast.silu_and_mul, fast.log_softmax,
+               fast.softmax_parts, invariant.store_kv, invariant.decode_attention,
+               invariant.prefill_attention)
 
 
 def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "auto"):
