@@ -9,8 +9,11 @@ import asyncio
 import itertools
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence as Seq
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import torch
 
 from tqdm.auto import tqdm
 
@@ -22,6 +25,10 @@ from rollout.sampling_params import SamplingParams
 from rollout.scheduler import Scheduler
 from rollout.sequence import Sequence
 from rollout.tokenizer import load_tokenizer
+from rollout.weights import WeightStore
+from weight_sync.buckets import DEFAULT_BUCKET_BYTES, Bucket, TensorMeta, dtype_name
+
+PAUSE_MODES = ("abort", "retract", "in_place")
 
 Prompt = str | list[int]
 
@@ -87,11 +94,21 @@ class Engine:
                                    self.config.max_num_batched_tokens, self.max_model_len,
                                    self.model_config.eos_token_ids,
                                    self.tokenizer.decode if self.tokenizer else None)
-        self.weight_version = 0
+        self.weights = WeightStore(self.runner.model.weight_targets(),
+                                   self.model_config.tie_word_embeddings)
         self._requests: dict[str, _Request] = {}
         self._cond = threading.Condition(threading.RLock())
+        self._waiting_controls = 0
+        self._count_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        self._paused = False
+        self._receiver = None
+        self._groups: dict = {}
+
+    @property
+    def weight_version(self) -> int:
+        return self.weights.version
 
     # ------------------------------------------------------------------ the loop
 
@@ -105,16 +122,40 @@ class Engine:
         self.runner.copy_blocks(copies)
         self._emit({s.request_id for s in batch.sampling} | {s.request_id for s in finished})
 
+    def _can_step(self) -> bool:
+        return not self._paused and self.weights.txn is None and self.weights.broken is None
+
     def _loop(self) -> None:
         while True:
             with self._cond:
+                while self._waiting_controls:  # let control calls in between steps
+                    self._cond.wait(0.001)
                 if not self.scheduler.has_work():
                     self._thread = None
                     return
+                if not self._can_step():
+                    self._cond.wait(0.05)
+                    continue
                 try:
                     self.step()
                 except Exception as e:  # fail what was running, keep serving
                     self._fail_all(e)
+
+    @contextmanager
+    def _control(self):
+        """Run a control call between two steps (the loop yields to waiting callers)."""
+        with self._count_lock:
+            self._waiting_controls += 1
+        try:
+            self._cond.acquire()
+        finally:
+            with self._count_lock:
+                self._waiting_controls -= 1
+        try:
+            yield
+        finally:
+            self._cond.notify_all()
+            self._cond.release()
 
     def _kick(self) -> None:
         if self._thread is None:
@@ -173,7 +214,7 @@ class Engine:
     def _submit(self, prepared: list, on_update: list, stream: bool = False,
                 score_from: list[int] | None = None) -> None:
         """Queue requests together, so that the loop sees them in one batch."""
-        with self._cond:
+        with self._control():
             self._check_can_generate()
             for k, ((request_id, text, token_ids, params), callback) in enumerate(
                     zip(prepared, on_update)):
@@ -192,7 +233,8 @@ class Engine:
             self._kick()
 
     def _check_can_generate(self) -> None:
-        """Hook for states that refuse new work (incomplete weights, released memory)."""
+        """States that refuse new work: incomplete weights (released memory, later)."""
+        self.weights.check_complete()
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = []
@@ -204,6 +246,7 @@ class Engine:
                 index=seq.index, token_ids=seq.output_token_ids, logprobs=list(seq.logprobs),
                 finish_reason=seq.finish_reason, cached_tokens=seq.num_cached_tokens,
                 seed=seq.seed, weight_version=seq.weight_version,
+                weight_versions=list(seq.weight_versions),
                 text=text if self.tokenizer is not None else None,
                 top_logprobs=list(seq.top_logprobs) if seq.params.top_logprobs else None,
                 stop_reason=seq.stop_reason))
@@ -231,7 +274,7 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """End a request now; its completions keep the tokens made so far (finish "abort")."""
-        with self._cond:
+        with self._control():
             req = self._requests.get(request_id)
             if req is None:
                 return False
@@ -320,3 +363,154 @@ class Engine:
         finally:
             if rid in self._requests:
                 self.abort(rid)
+
+    # ------------------------------------------------------------------ generation control
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """Stop stepping. In-flight requests: "abort" ends them now (finish "abort", partial
+        tokens and log-probs kept); "retract" puts them back in the queue, their KV cache freed,
+        to be recomputed later; "in_place" keeps them as they are. New requests queue."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode {mode!r} is not one of {', '.join(PAUSE_MODES)}")
+        with self._control():
+            self._paused = True
+            if mode == "abort":
+                for rid in list(self._requests):
+                    self.abort(rid)
+            elif mode == "retract":
+                self.scheduler.retract_all()
+
+    def continue_generation(self) -> None:
+        with self._control():
+            self._paused = False
+            if self.scheduler.has_work():
+                self._kick()
+
+    # ------------------------------------------------------------------ weight updates
+
+    def begin_weight_update(self, version: int | None, manifest: list[TensorMeta]) -> None:
+        """Open a transaction (the manifest is checked first; refused: weights untouched).
+        Stepping stops until it commits; transports call this, then load and commit."""
+        with self._control():
+            self.weights.begin(version, manifest)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        with self._control():
+            self.weights.load(named_tensors)
+
+    def commit_weight_update(self) -> int:
+        with self._control():
+            version = self.weights.commit()
+            self.block_manager.reset_prefix_cache()  # cached K/V came from the old weights
+            if self.scheduler.has_work():
+                self._kick()
+            return version
+
+    def abort_weight_update(self, reason: str) -> None:
+        with self._control():
+            self.weights.abort(reason)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Iterable[Bucket],
+                       version: int | None = None) -> int:
+        """In-process update from (Hugging Face name, tensor) pairs or flat buckets.
+        Returns the new version."""
+        items = list(named_tensors)
+        pairs = ([p for b in items for p in b.tensors()] if items and isinstance(items[0], Bucket)
+                 else items)
+        self.begin_weight_update(version, [TensorMeta.of(n, t) for n, t in pairs])
+        try:
+            self.load_weights(pairs)
+        except BaseException as e:
+            self.abort_weight_update(f"{type(e).__name__} while loading")
+            raise
+        return self.commit_weight_update()
+
+    def update_weights_from_disk(self, path: str, version: int | None = None) -> int:
+        """Load a safetensors checkpoint directory into the existing weights."""
+        from rollout.loader import checkpoint_manifest, iter_checkpoint
+        self.begin_weight_update(version, checkpoint_manifest(path))
+        try:
+            for name, tensor in iter_checkpoint(path):
+                self.load_weights([(name, tensor)])
+        except BaseException as e:
+            self.abort_weight_update(f"{type(e).__name__} while reading {path}")
+            raise
+        return self.commit_weight_update()
+
+    def start_weight_receiver(self, address: str = "tcp://127.0.0.1:0",
+                              timeout_s: float = 60.0) -> str:
+        """Bind a ZMQ receiver for `weight_sync.ZmqWeightSender`; returns the bound address."""
+        from weight_sync.zmq_transport import ZmqWeightReceiver
+        if self._receiver is not None:
+            raise RuntimeError(f"a weight receiver is already bound at {self._receiver.address}")
+        self._receiver = ZmqWeightReceiver(_Sink(self), address, self.runner.device, timeout_s)
+        return self._receiver.address
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, group_name: str, backend: str | None = None,
+                                  timeout_s: float = 300.0) -> None:
+        """Join a process group with the trainer (rank 0); this engine is rank `rank_offset`.
+        Blocks until every member joined. backend: 'nccl' on GPU, 'gloo' on CPU by default."""
+        from weight_sync.collective import WeightUpdateGroup
+        if group_name in self._groups:
+            raise ValueError(f"weight update group {group_name!r} already exists")
+        backend = backend or ("nccl" if self.runner.device.type == "cuda" else "gloo")
+        self._groups[group_name] = WeightUpdateGroup(master_address, master_port, rank_offset,
+                                                     world_size, group_name, backend, timeout_s)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
+                                        group_name: str, version: int | None = None,
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
+        """Receive the trainer's broadcast of these tensors (same order, same bucket size as the
+        trainer's `WeightUpdateGroup.send`). A refused manifest still drains the broadcast, so
+        the trainer never hangs, then raises."""
+        group = self._groups.get(group_name)
+        if group is None:
+            raise ValueError(f"no weight update group {group_name!r}; "
+                             f"groups: {sorted(self._groups)}")
+        manifest = [TensorMeta(n, d if isinstance(d, str) else dtype_name(d), tuple(s))
+                    for n, d, s in zip(names, dtypes, shapes, strict=True)]
+        try:
+            self.begin_weight_update(version, manifest)
+        except ValueError:
+            for _ in group.receive(manifest, bucket_bytes):
+                pass
+            raise
+        try:
+            for bucket in group.receive(manifest, bucket_bytes):
+                self.load_weights(bucket)
+        except BaseException as e:
+            self.abort_weight_update(f"{type(e).__name__} during the broadcast")
+            raise
+        return self.commit_weight_update()
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        group = self._groups.pop(group_name, None)
+        if group is None:
+            raise ValueError(f"no weight update group {group_name!r}")
+        group.destroy()
+
+    def weights_checksum(self) -> str:
+        """Equal to `weight_sync.checksum(model.named_parameters(), dtype=<engine dtype>)` on the
+        trainer when the weights are the same."""
+        with self._control():
+            return self.weights.checksum()
+
+
+class _Sink:
+    """Adapts the engine to weight_sync's receiver protocol."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def begin(self, version, manifest):
+        self.engine.begin_weight_update(version, manifest)
+
+    def load(self, named_tensors):
+        self.engine.load_weights(named_tensors)
+
+    def commit(self):
+        return self.engine.commit_weight_update()
+
+    def abort(self, reason):
+        self.engine.abort_weight_update(reason)

@@ -49,6 +49,37 @@ def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                              "(the file is truncated or corrupt)") from e
 
 
+def checkpoint_manifest(path: str | Path):
+    """Names, dtypes and shapes of a checkpoint's tensors, read from the file headers only."""
+    from weight_sync.buckets import TensorMeta, dtype_name
+    manifest = []
+    for file in checkpoint_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if not name.endswith(IGNORED_SUFFIXES):
+                        sl = f.get_slice(name)
+                        manifest.append(TensorMeta(name, dtype_name(_dtype_of(sl)),
+                                                   tuple(sl.get_shape())))
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint file {str(file)!r}: {e} "
+                             "(the file is truncated or corrupt)") from e
+    return manifest
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _dtype_of(tensor_slice) -> torch.dtype:
+    kind = tensor_slice.get_dtype()
+    if kind not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"unsupported safetensors dtype {kind}")
+    return _SAFETENSORS_DTYPES[kind]
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()

@@ -3,7 +3,11 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CompletionOutput:
-    """One sampled completion. `logprobs[i]` is the log-probability of `token_ids[i]`."""
+    """One sampled completion. `logprobs[i]` is the log-probability of `token_ids[i]`.
+
+    `weight_version` produced the latest token; `weight_versions` lists every version that
+    produced tokens of this completion, in order: more than one means the weights were updated
+    while it ran (it was not paused with "abort" or "retract")."""
     index: int
     token_ids: list[int]
     logprobs: list[float]
@@ -11,6 +15,7 @@ class CompletionOutput:
     cached_tokens: int
     seed: int
     weight_version: int | None
+    weight_versions: list[int] = field(default_factory=list)
     text: str | None = None
     top_logprobs: list[dict[int, float]] | None = None
     stop_reason: int | str | None = None

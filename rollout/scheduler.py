@@ -84,6 +84,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
+    def retract_all(self) -> None:
+        """Put every running sequence back in the queue, its KV cache freed (recomputed later,
+        with the same bits)."""
+        for seq in reversed(list(self.running)):
+            self._preempt(seq)
+
     def _place(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
         if n == 1 and seq.num_uncomputed_tokens == 1:
             batch.decodes.append(seq)
@@ -146,7 +152,7 @@ class Scheduler:
             self.block_manager.register_full_blocks(seq)
             if seq.score_from is not None:
                 seq.logprobs += scores.get(seq.seq_id, [])
-                seq.weight_version = weight_version
+                seq.note_weight_version(weight_version)
                 if seq.num_computed_tokens == seq.num_tokens:
                     self.finish(seq, "score")
                     finished.append(seq)
@@ -173,8 +179,7 @@ class Scheduler:
     def _append(self, seq: Sequence, sample: Sample, weight_version: int | None,
                 finished: list[Sequence]) -> None:
         seq.append(sample.token_id, sample.logprob, sample.top_logprobs)
-        if seq.weight_version is None:
-            seq.weight_version = weight_version
+        seq.note_weight_version(weight_version)
         reason = self._stop_reason(seq)
         if reason is not None:
             self.finish(seq, reason)

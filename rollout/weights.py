@@ -1,0 +1,121 @@
+"""Versioned, transactional, in-place weight updates (engine side).
+
+Every transport ends here. A transaction validates its whole manifest before the first byte
+lands, copies each tensor into the rows of the parameter it belongs to (so no `data_ptr()`
+changes), and commits a new version. A transaction that breaks leaves the weights marked
+incomplete, naming the version, until an update covering every half-written tensor commits.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from rollout.models import WeightTarget
+from weight_sync.buckets import TensorMeta, dtype_from_name
+
+
+class IncompleteWeightsError(RuntimeError):
+    """Generation refused: the weights are a mix of two versions."""
+
+
+@dataclass
+class _Transaction:
+    version: int
+    names: set[str]
+    loaded: set[str] = field(default_factory=set)
+
+
+class WeightStore:
+    def __init__(self, targets: dict[str, WeightTarget], tied: bool):
+        self.targets = targets
+        # names a trainer's named_parameters() holds (a tied lm_head is the embedding itself)
+        self.canonical = sorted(n for n in targets if not (tied and n == "lm_head.weight"))
+        self.version = 0
+        self.txn: _Transaction | None = None
+        self.broken: tuple[int, set[str], str] | None = None  # (version, dirty names, why)
+
+    def validate(self, manifest: list[TensorMeta]) -> None:
+        problems, seen = [], set()
+        for m in manifest:
+            target = self.targets.get(m.name)
+            if m.name in seen:
+                problems.append(f"{m.name}: listed twice")
+            elif target is None:
+                problems.append(f"{m.name}: not a parameter of this model")
+            elif tuple(m.shape) != target.shape:
+                problems.append(f"{m.name}: shape {tuple(m.shape)}, the model has "
+                                f"{target.shape}")
+            else:
+                try:
+                    floating = dtype_from_name(m.dtype).is_floating_point
+                except ValueError:
+                    floating = False
+                if not floating:
+                    problems.append(f"{m.name}: dtype {m.dtype} is not a floating-point type")
+            seen.add(m.name)
+        if self.broken is not None:
+            missing = sorted(self.broken[1] - seen)
+            if missing:
+                problems.append(f"the broken update to version {self.broken[0]} left "
+                                f"{len(missing)} tensors half-written that this update does not "
+                                f"cover: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if problems:
+            raise ValueError(f"weight update refused, weights untouched; {len(problems)} "
+                             "problem(s):\n  " + "\n  ".join(problems))
+
+    def begin(self, version: int | None, manifest: list[TensorMeta]) -> None:
+        if self.txn is not None:
+            raise RuntimeError(f"an update to version {self.txn.version} is already open")
+        self.validate(manifest)
+        version = self.version + 1 if version is None else int(version)
+        self.txn = _Transaction(version, {m.name for m in manifest})
+
+    def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        txn = self.txn
+        if txn is None:
+            raise RuntimeError("load outside an update: begin one first")
+        for name, tensor in named_tensors:
+            if name not in txn.names:
+                raise ValueError(f"{name!r} is not in this update's manifest")
+            target = self.targets[name]
+            if tuple(tensor.shape) != target.shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the model has "
+                                 f"{target.shape}")
+            target.view().copy_(tensor, non_blocking=True)
+            txn.loaded.add(name)
+
+    def commit(self) -> int:
+        txn = self.txn
+        if txn is None:
+            raise RuntimeError("commit outside an update")
+        missing = sorted(txn.names - txn.loaded)
+        if missing:
+            self.abort(f"commit with {len(missing)} tensors of the manifest never sent")
+            raise ValueError(f"update to version {txn.version} is incomplete: "
+                             f"{len(missing)} tensors never arrived: {missing[:8]}")
+        if self.targets and next(iter(self.targets.values())).param.is_cuda:
+            torch.cuda.synchronize()
+        self.txn, self.broken = None, None
+        self.version = txn.version
+        return self.version
+
+    def abort(self, reason: str) -> None:
+        """The transfer broke: whatever landed is now a mix of versions."""
+        txn, self.txn = self.txn, None
+        if txn is None or not txn.loaded:
+            return  # nothing was written: the weights are still the last version
+        dirty = txn.loaded | (self.broken[1] if self.broken else set())
+        self.broken = (txn.version, dirty, reason)
+
+    def check_complete(self) -> None:
+        if self.broken is not None:
+            version, dirty, reason = self.broken
+            raise IncompleteWeightsError(
+                f"weights are incomplete: the update to version {version} broke ({reason}) "
+                f"after writing {len(dirty)} tensors; generation resumes after a complete "
+                f"update (the last complete version was {self.version})")
+
+    def checksum(self) -> str:
+        from weight_sync.digest import checksum
+        return checksum((n, self.targets[n].view()) for n in self.canonical)

@@ -1,0 +1,233 @@
+"""ZMQ transport: a msgpack header plus raw tensor frames, one bucket per request.
+
+The trainer's `ZmqWeightSender` (REQ) talks to the engine's `ZmqWeightReceiver` (ROUTER):
+`begin` carries the full manifest, which the engine validates before any byte lands; each
+`bucket` carries its bytes as a zero-copy frame ("bytes" mode) or, on one host, only a handle
+("handle" mode: a shared-memory segment on the CPU, a CUDA IPC handle on GPU); `commit` ends
+the transaction. Every request is answered, so errors reach the sender as exceptions.
+"""
+
+import pickle
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from multiprocessing import resource_tracker, shared_memory
+from typing import Protocol
+
+import msgpack
+import torch
+import zmq
+
+from weight_sync.buckets import (DEFAULT_BUCKET_BYTES, TensorMeta, bucket_size, pack,
+                                 plan_buckets, unpack)
+
+MODES = ("bytes", "handle")
+
+
+class WeightSink(Protocol):
+    """What a receiver drives: the engine's transactional in-place loader."""
+
+    def begin(self, version: int | None, manifest: list[TensorMeta]) -> None: ...
+    def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def commit(self) -> int: ...
+    def abort(self, reason: str) -> None: ...
+
+
+class WeightUpdateError(RuntimeError):
+    """The engine refused or failed an update; the message says why."""
+
+
+class ZmqWeightSender:
+    def __init__(self, address: str, mode: str = "bytes",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: float = 600.0):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self.mode, self.bucket_bytes = mode, bucket_bytes
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.REQ)
+        self._sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self._buffer: torch.Tensor | None = None
+        self._shm: shared_memory.SharedMemory | None = None
+
+    def _request(self, header: dict, frames: list = ()) -> dict:
+        self._sock.send_multipart([msgpack.packb(header), *frames], copy=False)
+        try:
+            reply = msgpack.unpackb(self._sock.recv())
+        except zmq.Again:
+            raise WeightUpdateError("the engine did not answer in time") from None
+        if not reply.get("ok"):
+            raise WeightUpdateError(reply.get("error", "the engine refused the update"))
+        return reply
+
+    def _staging(self, size: int, device: torch.device) -> torch.Tensor:
+        """A reusable buffer for one bucket: shared memory in CPU handle mode."""
+        if self.mode == "handle" and device.type == "cpu":
+            if self._shm is None or self._shm.size < size:
+                self._close_shm()
+                self._shm = shared_memory.SharedMemory(create=True, size=max(size, 1))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=size)
+        pinned = device.type == "cpu" and self.mode == "bytes" and torch.cuda.is_available()
+        if self._buffer is None or self._buffer.numel() < size or self._buffer.device != device:
+            self._buffer = torch.empty(size, dtype=torch.uint8, device=device,
+                                       pin_memory=pinned)
+        return self._buffer[:size]
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+             version: int | None = None) -> int:
+        """Push the tensors as one versioned update; returns the engine's new version."""
+        named = {n: t.detach() for n, t in named_tensors}
+        plan = self.begin(named, version)
+        for metas in plan:
+            self.send_bucket(named, metas)
+        return self.commit()
+
+    def begin(self, named: dict[str, torch.Tensor], version: int | None = None
+              ) -> list[list[TensorMeta]]:
+        """Open the update (the engine validates the whole manifest now); returns the buckets
+        to send, in order."""
+        manifest = [TensorMeta.of(n, t) for n, t in named.items()]
+        self._request({"op": "begin", "version": version,
+                       "manifest": [m.to_wire() for m in manifest]})
+        return plan_buckets(manifest, self.bucket_bytes)
+
+    def send_bucket(self, named: dict[str, torch.Tensor], metas: list[TensorMeta]) -> None:
+        size = bucket_size(metas)
+        device = named[metas[0].name].device
+        header = {"op": "bucket", "tensors": [m.to_wire() for m in metas], "nbytes": size}
+        buf = pack(named, metas, self._staging(size, device))
+        if self.mode == "bytes":
+            self._request(header, [buf.cpu().numpy() if buf.is_cuda else buf.numpy()])
+        elif device.type == "cpu":
+            self._request({**header, "shm": self._shm.name})
+        else:
+            from torch.multiprocessing.reductions import reduce_tensor
+            torch.cuda.current_stream(device).synchronize()
+            self._request({**header, "cuda_ipc": pickle.dumps(reduce_tensor(buf))})
+
+    def commit(self) -> int:
+        return self._request({"op": "commit"})["version"]
+
+    def _close_shm(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
+
+    def close(self) -> None:
+        self._close_shm()
+        self._sock.close()
+        self._ctx.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ZmqWeightReceiver:
+    """Binds `address` and feeds updates into `sink` from a background thread. A transaction
+    whose sender goes silent for `timeout_s` is aborted (the sink marks its weights incomplete).
+    """
+
+    def __init__(self, sink: WeightSink, address: str, device: torch.device | str = "cpu",
+                 timeout_s: float = 60.0):
+        self.sink, self.device, self.timeout_s = sink, torch.device(device), timeout_s
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if address.endswith(":0"):
+            port = self._sock.bind_to_random_port(address.rsplit(":", 1)[0])
+            address = f"{address.rsplit(':', 1)[0]}:{port}"
+        else:
+            self._sock.bind(address)
+        self.address = address
+        self._open = False
+        self._last = 0.0
+        self._shm: dict[str, shared_memory.SharedMemory] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="weight-receiver", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                if self._open and time.monotonic() - self._last > self.timeout_s:
+                    self._abort(f"the sender sent nothing for {self.timeout_s:g} s")
+                continue
+            ident, _, header, *frames = self._sock.recv_multipart(copy=False)
+            try:
+                reply = self._handle(msgpack.unpackb(header.bytes), frames)
+            except Exception as e:  # answer every request; the engine keeps serving
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            self._sock.send_multipart([ident, b"", msgpack.packb(reply)])
+
+    def _handle(self, header: dict, frames: list) -> dict:
+        op = header.get("op")
+        self._last = time.monotonic()
+        if op == "begin":
+            if self._open:
+                self._abort("a new update began before the previous one committed")
+            self.sink.begin(header.get("version"),
+                            [TensorMeta.from_wire(m) for m in header["manifest"]])
+            self._open = True
+            return {"ok": True}
+        if not self._open:
+            raise RuntimeError(f"{op!r} outside an update: send 'begin' first")
+        if op == "bucket":
+            metas = [TensorMeta.from_wire(m) for m in header["tensors"]]
+            try:
+                self.sink.load(unpack(self._bucket(header, frames), metas))
+            except Exception:
+                self._abort("a bucket failed to load")
+                raise
+            return {"ok": True}
+        if op == "commit":
+            self._open = False
+            self._release_shm()
+            return {"ok": True, "version": self.sink.commit()}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _bucket(self, header: dict, frames: list) -> torch.Tensor:
+        if "shm" in header:
+            shm = self._shm.get(header["shm"])
+            if shm is None:
+                shm = shared_memory.SharedMemory(name=header["shm"])
+                resource_tracker.unregister(shm._name, "shared_memory")  # the sender owns it
+                self._shm[header["shm"]] = shm
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.frombuffer(shm.buf, dtype=torch.uint8, count=header["nbytes"])
+        if "cuda_ipc" in header:
+            rebuild, args = pickle.loads(header["cuda_ipc"])
+            return rebuild(*args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only frame: we only read it
+            return torch.frombuffer(frames[0].buffer, dtype=torch.uint8)
+
+    def _abort(self, reason: str) -> None:
+        self._open = False
+        self._release_shm()
+        self.sink.abort(reason)
+
+    def _release_shm(self) -> None:
+        for shm in self._shm.values():
+            try:
+                shm.close()
+            except BufferError:  # a view is still alive; the mapping goes with it
+                pass
+        self._shm.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._release_shm()
+        self._sock.close()
+        self._ctx.term()
