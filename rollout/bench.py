@@ -2,10 +2,16 @@
 ratios next to absolute numbers, with the machine it ran on."""
 
 import gc
+import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -97,4 +103,79 @@ def bench_throughput(model: str | None, workload: Workload, **engine_kwargs) -> 
     return lines
 
 
-SUITES = {"throughput": bench_throughput}
+def _peer(role: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rollout.bench_peers", role,
+                             json.dumps(kwargs)], stdout=subprocess.PIPE, text=True)
+
+
+def _peer_result(proc: subprocess.Popen) -> dict:
+    out, _ = proc.communicate(timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench peer exited with {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_weight_sync(model: str | None, workload: Workload, **engine_kwargs) -> list[str]:
+    """GB/s of a full weight update through each transport, next to a plain copy of the same
+    tensors into same-shaped tensors (the least any in-place update must do), all in this run.
+    The trainer holds float32 weights; bytes counted are the trainer's."""
+    from rollout.bench_peers import trainer_weights
+    from rollout.presets import preset_path
+    path = model or str(preset_path())
+    engine = Engine(path, num_kv_blocks=16, **engine_kwargs)
+    named = trainer_weights(path)
+    nbytes = sum(t.numel() * t.element_size() for t in named.values())
+    bucket = 512 << 20
+    rates: list[tuple[str, float]] = []
+
+    dst = {n: torch.empty_like(t) for n, t in named.items()}
+    start = time.perf_counter()
+    for n, t in named.items():
+        dst[n].copy_(t)
+    rates.append(("plain tensor copy (baseline)", time.perf_counter() - start))
+    del dst
+
+    start = time.perf_counter()
+    engine.update_weights(named.items())
+    rates.append(("in-process update_weights", time.perf_counter() - start))
+
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0", timeout_s=600)
+    for mode, label in (("bytes", "ZMQ tcp, bytes"), ("handle", "ZMQ handle (shared memory)")):
+        result = _peer_result(_peer("zmq", address=address, mode=mode, path=path,
+                                    bucket_bytes=bucket))
+        rates.append((label, result["seconds"]))
+
+    port = _free_port()
+    trainer = _peer("gloo", port=port, path=path, bucket_bytes=bucket)
+    engine.init_weights_update_group("127.0.0.1", port, 1, 2, "bench", "gloo")
+    manifest = [(n, t.dtype, tuple(t.shape)) for n, t in named.items()]
+    start = time.perf_counter()
+    engine.update_weights_from_distributed(*map(list, zip(*manifest)), group_name="bench",
+                                           bucket_bytes=bucket)
+    rates.append(("gloo broadcast, 1 trainer + 1 engine", time.perf_counter() - start))
+    _peer_result(trainer)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from safetensors.torch import save_file
+        save_file({n: t.contiguous() for n, t in named.items()}, str(Path(tmp) / "model.safetensors"))
+        start = time.perf_counter()
+        engine.update_weights_from_disk(tmp)
+        rates.append(("disk (safetensors, page cache warm)", time.perf_counter() - start))
+
+    base = nbytes / rates[0][1] / 1e9
+    lines = [f"weight-sync: {nbytes / 1e6:.0f} MB of float32 trainer weights into a "
+             f"{engine.runner.dtype} engine, buckets of {bucket >> 20} MiB",
+             f"  {'transport':<40}{'seconds':>9}{'GB/s':>8}{'vs copy':>9}"]
+    for label, seconds in rates:
+        gbs = nbytes / seconds / 1e9
+        lines.append(f"  {label:<40}{seconds:>9.3f}{gbs:>8.2f}{gbs / base:>8.0%}")
+    return lines
+
+
+SUITES = {"throughput": bench_throughput, "weight-sync": bench_weight_sync}
