@@ -134,7 +134,7 @@ def bench_weight_sync(model: str | None, workload: Workload, **engine_kwargs) ->
     bucket = 512 << 20
     rates: list[tuple[str, float]] = []
 
-    dst = {n: torch.empty_like(t) for n, t in named.items()}
+    dst = {n: torch.zeros_like(t) for n, t in named.items()}  # pages touched before timing
     start = time.perf_counter()
     for n, t in named.items():
         dst[n].copy_(t)
