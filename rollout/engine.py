@@ -29,6 +29,7 @@ from rollout.weights import WeightStore
 from weight_sync.buckets import DEFAULT_BUCKET_BYTES, Bucket, TensorMeta, dtype_name
 
 PAUSE_MODES = ("abort", "retract", "in_place")
+MEMORY_TAGS = ("weights", "kv_cache")
 
 Prompt = str | list[int]
 
@@ -123,7 +124,14 @@ class Engine:
         self._emit({s.request_id for s in batch.sampling} | {s.request_id for s in finished})
 
     def _can_step(self) -> bool:
-        return not self._paused and self.weights.txn is None and self.weights.broken is None
+        return (not self._paused and self.weights.txn is None and self.weights.broken is None
+                and not self._released())
+
+    def _released(self) -> list[str]:
+        return [tag for tag, arena in self._arenas().items() if not arena.resident]
+
+    def _arenas(self) -> dict:
+        return {"weights": self.runner.weights_arena, "kv_cache": self.runner.kv_arena}
 
     def _loop(self) -> None:
         while True:
@@ -233,7 +241,11 @@ class Engine:
             self._kick()
 
     def _check_can_generate(self) -> None:
-        """States that refuse new work: incomplete weights (released memory, later)."""
+        """States that refuse new work: released memory, incomplete weights."""
+        released = self._released()
+        if released:
+            raise RuntimeError(f"engine memory is released ({', '.join(released)}); call "
+                               f"resume_memory() before generating")
         self.weights.check_complete()
 
     def _output(self, req: _Request) -> RequestOutput:
@@ -390,8 +402,11 @@ class Engine:
 
     def begin_weight_update(self, version: int | None, manifest: list[TensorMeta]) -> None:
         """Open a transaction (the manifest is checked first; refused: weights untouched).
-        Stepping stops until it commits; transports call this, then load and commit."""
+        Stepping stops until it commits; transports call this, then load and commit.
+        Released weights are taken back first (restored from a backup if there is one)."""
         with self._control():
+            self.weights.validate(manifest)
+            self._resume_weights()
             self.weights.begin(version, manifest)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -494,7 +509,76 @@ class Engine:
         """Equal to `weight_sync.checksum(model.named_parameters(), dtype=<engine dtype>)` on the
         trainer when the weights are the same."""
         with self._control():
+            if not self.runner.weights_arena.resident:
+                raise RuntimeError("weights are released; call resume_memory(['weights']) first")
             return self.weights.checksum()
+
+    # ------------------------------------------------------------------ memory
+
+    def _tags(self, tags) -> list[str]:
+        tags = list(MEMORY_TAGS) if tags is None else [tags] if isinstance(tags, str) else list(tags)
+        unknown = [t for t in tags if t not in MEMORY_TAGS]
+        if unknown:
+            raise ValueError(f"unknown memory tag(s) {unknown}; tags: {', '.join(MEMORY_TAGS)}")
+        return tags
+
+    def release_memory(self, tags: Seq[str] | str | None = None, weights: str = "backup",
+                       pause_mode: str = "retract") -> None:
+        """Give device memory back (tags "weights", "kv_cache"; None: both). Returns once it is
+        freed. weights="backup" keeps a copy off the device (pinned host memory on CUDA, an
+        unlinked temporary file on the CPU); "discard" drops them because an update follows.
+        Requests in flight are paused first with `pause_mode` ("abort" or "retract"; "in_place"
+        only when the KV cache stays). Releasing what is released already does nothing."""
+        tags = self._tags(tags)
+        if weights not in ("backup", "discard"):
+            raise ValueError(f"weights={weights!r}: choose 'backup' or 'discard'")
+        if pause_mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode {pause_mode!r} is not one of {', '.join(PAUSE_MODES)}")
+        with self._control():
+            busy = self.scheduler.has_work()
+            if busy and pause_mode == "in_place" and "kv_cache" in tags:
+                raise ValueError("pause_mode='in_place' cannot keep requests across a kv_cache "
+                                 "release; use 'retract' or 'abort'")
+            if busy and pause_mode == "abort":
+                for rid in list(self._requests):
+                    self.abort(rid)
+            elif busy and pause_mode == "retract":
+                self.scheduler.retract_all()
+            if "kv_cache" in tags and self.runner.kv_arena.resident:
+                self.block_manager.reset_prefix_cache()
+                self.runner.kv_arena.release(backup=False)
+            if "weights" in tags and self.runner.weights_arena.resident:
+                self.runner.weights_arena.release(backup=weights == "backup")
+                if weights == "discard":
+                    self.weights.mark_discarded()
+
+    def resume_memory(self, tags: Seq[str] | str | None = None) -> None:
+        """Take the memory back (None: both). Weights come back from their backup, or, after a
+        discard, wait for a weight update before generation resumes. The KV cache comes back
+        empty. Resuming what is resident already does nothing."""
+        tags = self._tags(tags)
+        with self._control():
+            if "weights" in tags:
+                self._resume_weights()
+            if "kv_cache" in tags:
+                self.runner.kv_arena.resume()
+            if self.scheduler.has_work() and self._can_step():
+                self._kick()
+
+    def _resume_weights(self) -> None:
+        arena = self.runner.weights_arena
+        if not arena.resident and not arena.resume() and self.weights.broken is None:
+            self.weights.mark_discarded()
+
+    def memory_stats(self) -> dict:
+        """Bytes held now per kind of device memory, and bytes released."""
+        arenas = self._arenas()
+        return {
+            **{tag: arena.nbytes if arena.resident else 0 for tag, arena in arenas.items()},
+            "other": self.runner.other_bytes(),
+            "released": {tag: 0 if arena.resident else arena.nbytes
+                         for tag, arena in arenas.items()},
+        }
 
 
 class _Sink:

@@ -8,6 +8,7 @@ from kernels import get_ops
 from rollout.config import EngineConfig, ModelConfig
 from rollout.context import ForwardContext, PrefillSegment, forward_context
 from rollout.loader import build_model, load_checkpoint
+from rollout.memory import Arena, make_arena, trim_host_memory
 from rollout.sampler import Sampler, SampleSpec
 from rollout.scheduler import Sample, ScheduledBatch
 from rollout.sequence import Sequence
@@ -32,11 +33,21 @@ class ModelRunner:
         self.block_size = config.block_size
         self.ops = get_ops(self.device, config.deterministic, config.kernel_backend)
         self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
+        params = list(self.model.parameters())
+        shapes = [p.shape for p in params]
+        self.weights_arena: Arena = make_arena(
+            "weights", sum(s.numel() for s in shapes), self.dtype, self.device,
+            lambda buf: _bind_parameters(params, shapes, buf))
+        trim_host_memory()  # the parameters' first, separate allocations are gone
         load_checkpoint(self.model, config.model)
         self.sampler = Sampler(self.ops.softmax_parts)
         self.num_blocks = self._num_blocks(max_model_len)
         self.k_cache = self.v_cache = None
-        self.allocate_kv_cache()
+        cfg = model_config
+        self._kv_shape = (cfg.num_layers, self.num_blocks, cfg.num_kv_heads)
+        half = cfg.num_layers * self.num_blocks * cfg.num_kv_heads * cfg.head_dim * self.block_size
+        self.kv_arena: Arena = make_arena("kv_cache", 2 * half, self.dtype, self.device,
+                                          self._bind_kv_cache, zero=True)
 
     @property
     def block_bytes(self) -> int:
@@ -61,19 +72,24 @@ class ModelRunner:
                              f"({self.block_bytes} bytes each)")
         return blocks
 
-    def allocate_kv_cache(self) -> None:
-        cfg, n, s = self.model_config, self.num_blocks, self.block_size
-        shape = (cfg.num_layers, n, cfg.num_kv_heads)
-        self.k_cache = torch.zeros(*shape, cfg.head_dim, s, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(*shape, s, cfg.head_dim, dtype=self.dtype, device=self.device)
+    def _bind_kv_cache(self, buffer: torch.Tensor) -> None:
+        """K is stored transposed per block: [layers, blocks, kv_heads, head_dim, block_size]."""
+        if buffer.numel() == 0:
+            self.k_cache = self.v_cache = None
+            for layer in self.model.layers:
+                layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = buffer
+            return
+        d, s = self.model_config.head_dim, self.block_size
+        half = buffer.numel() // 2
+        self.k_cache = buffer[:half].view(*self._kv_shape, d, s)
+        self.v_cache = buffer[half:].view(*self._kv_shape, s, d)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.attn.k_cache = self.k_cache[i]
             layer.self_attn.attn.v_cache = self.v_cache[i]
 
-    def free_kv_cache(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = torch.empty(0)
-        self.k_cache = self.v_cache = None
+    def other_bytes(self) -> int:
+        """Device memory held besides weights and KV cache (rotary tables)."""
+        return sum(b.numel() * b.element_size() for b in self.model.buffers())
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if pairs:
@@ -153,3 +169,16 @@ def _spec(row: int, seq: Sequence, eos_token_ids: tuple[int, ...]) -> SampleSpec
                       top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
                       position=seq.num_output_tokens, suppress=suppress,
                       top_logprobs=p.top_logprobs)
+
+
+def _bind_parameters(params: list[torch.nn.Parameter], shapes: list[torch.Size],
+                     buffer: torch.Tensor) -> None:
+    """Make every parameter a view of `buffer` (the same Parameter objects, new storage); an
+    empty buffer leaves them empty (released)."""
+    offset = 0
+    for p, shape in zip(params, shapes):
+        if buffer.numel() == 0:
+            p.data = buffer
+            continue
+        p.data = buffer[offset:offset + shape.numel()].view(shape)
+        offset += shape.numel()

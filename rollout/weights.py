@@ -26,6 +26,13 @@ class _Transaction:
     loaded: set[str] = field(default_factory=set)
 
 
+@dataclass
+class Incomplete:
+    """Why the weights cannot be used, and which tensors an update must rewrite to fix it."""
+    dirty: set[str]
+    message: str
+
+
 class WeightStore:
     def __init__(self, targets: dict[str, WeightTarget], tied: bool):
         self.targets = targets
@@ -33,7 +40,7 @@ class WeightStore:
         self.canonical = sorted(n for n in targets if not (tied and n == "lm_head.weight"))
         self.version = 0
         self.txn: _Transaction | None = None
-        self.broken: tuple[int, set[str], str] | None = None  # (version, dirty names, why)
+        self.broken: Incomplete | None = None
 
     def validate(self, manifest: list[TensorMeta]) -> None:
         problems, seen = [], set()
@@ -55,11 +62,11 @@ class WeightStore:
                     problems.append(f"{m.name}: dtype {m.dtype} is not a floating-point type")
             seen.add(m.name)
         if self.broken is not None:
-            missing = sorted(self.broken[1] - seen)
+            missing = sorted(self.broken.dirty - seen)
             if missing:
-                problems.append(f"the broken update to version {self.broken[0]} left "
-                                f"{len(missing)} tensors half-written that this update does not "
-                                f"cover: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+                problems.append(f"{len(missing)} tensors are not usable ({self.broken.message}) "
+                                f"and this update does not rewrite them: {missing[:8]}"
+                                f"{' ...' if len(missing) > 8 else ''}")
         if problems:
             raise ValueError(f"weight update refused, weights untouched; {len(problems)} "
                              "problem(s):\n  " + "\n  ".join(problems))
@@ -105,16 +112,20 @@ class WeightStore:
         txn, self.txn = self.txn, None
         if txn is None or not txn.loaded:
             return  # nothing was written: the weights are still the last version
-        dirty = txn.loaded | (self.broken[1] if self.broken else set())
-        self.broken = (txn.version, dirty, reason)
+        dirty = txn.loaded | (self.broken.dirty if self.broken else set())
+        self.broken = Incomplete(dirty, f"the update to version {txn.version} broke ({reason}) "
+                                        f"after writing {len(txn.loaded)} tensors")
+
+    def mark_discarded(self) -> None:
+        self.broken = Incomplete(set(self.canonical), "weights were discarded by "
+                                 "release_memory(weights='discard') and no update has replaced "
+                                 "them yet")
 
     def check_complete(self) -> None:
         if self.broken is not None:
-            version, dirty, reason = self.broken
             raise IncompleteWeightsError(
-                f"weights are incomplete: the update to version {version} broke ({reason}) "
-                f"after writing {len(dirty)} tensors; generation resumes after a complete "
-                f"update (the last complete version was {self.version})")
+                f"weights are incomplete: {self.broken.message}; generation resumes after an "
+                f"update that rewrites them (the last complete version was {self.version})")
 
     def checksum(self) -> str:
         from weight_sync.digest import checksum

@@ -25,10 +25,7 @@ class WeightTarget:
     param: nn.Parameter
     start: int
     end: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.end - self.start, *self.param.shape[1:])
+    shape: tuple[int, ...]
 
     def view(self) -> torch.Tensor:
         return self.param.data[self.start:self.end]
@@ -127,11 +124,12 @@ class DecoderForCausalLM(nn.Module):
             parts = self.packed_modules_mapping.get(proj)
             if parts is None:
                 hf_name = "lm_head.weight" if name == "lm_head" else f"model.{name}"
-                targets[hf_name] = WeightTarget(param, 0, param.shape[0])
+                targets[hf_name] = WeightTarget(param, 0, param.shape[0], tuple(param.shape))
                 continue
             offset = 0
             for part, size in zip(parts, self.get_submodule(module_name).splits):
-                targets[f"model.{parent}.{part}.{leaf}"] = WeightTarget(param, offset, offset + size)
+                targets[f"model.{parent}.{part}.{leaf}"] = WeightTarget(
+                    param, offset, offset + size, (size, *param.shape[1:]))
                 offset += size
         if self.cfg.tie_word_embeddings:
             targets["lm_head.weight"] = targets["model.embed_tokens.weight"]
