@@ -178,4 +178,38 @@ def bench_weight_sync(model: str | None, workload: Workload, **engine_kwargs) ->
     return lines
 
 
-SUITES = {"throughput": bench_throughput, "weight-sync": bench_weight_sync}
+def bench_memory(model: str | None, workload: Workload, **engine_kwargs) -> list[str]:
+    """Release and resume times, with the process's resident memory read from the OS, next to
+    a plain copy of the weight bytes measured in the same run."""
+    from rollout.memory import resident_bytes
+    engine_kwargs.setdefault("kv_cache_memory", 1 << 30)
+    engine = Engine(model, **engine_kwargs)
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    stats = engine.memory_stats()
+    src = torch.ones(stats["weights"] // 4)
+    dst = torch.zeros_like(src)
+    start = time.perf_counter()
+    dst.copy_(src)
+    copy_s = time.perf_counter() - start
+    del src, dst
+    lines = [f"memory: weights {stats['weights'] / 1e6:.0f} MB, KV cache "
+             f"{stats['kv_cache'] / 1e6:.0f} MB ({engine.runner.device})",
+             f"  plain copy of the weight bytes (baseline): {copy_s:.3f} s",
+             f"  {'step':<46}{'seconds':>9}{'RSS after (MB)':>16}"]
+    steps = [("release both, weights='backup'", lambda: engine.release_memory()),
+             ("resume both (weights restored)", lambda: engine.resume_memory()),
+             ("release both, weights='discard'", lambda: engine.release_memory(weights="discard")),
+             ("resume weights only (empty, awaiting update)",
+              lambda: engine.resume_memory(["weights"])),
+             ("resume kv_cache", lambda: engine.resume_memory(["kv_cache"]))]
+    lines.append(f"  {'(start)':<46}{'':>9}{resident_bytes() / 1e6:>16.0f}")
+    for label, action in steps:
+        start = time.perf_counter()
+        action()
+        lines.append(f"  {label:<46}{time.perf_counter() - start:>9.3f}"
+                     f"{resident_bytes() / 1e6:>16.0f}")
+    return lines
+
+
+SUITES = {"throughput": bench_throughput, "weight-sync": bench_weight_sync,
+          "memory": bench_memory}
