@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 _LINEAR_TILE_CANDIDATES = (16, 32, 64, 128)
 _tile_cache: dict[tuple, tuple[int, ...]] = {}
+_split_cache: dict[tuple, bool] = {}
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:
@@ -84,12 +85,31 @@ def matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return _tiled_mm(x.contiguous(), w_t, linear_tiles(w_t))
 
 
+def needs_splits(w: torch.Tensor, splits: tuple[int, ...]) -> bool:
+    """Whether a fused weight must be computed part by part to give the parts' bits: BLAS
+    results can depend on the column count. Measured once per (shape, splits, dtype, threads)."""
+    key = (tuple(w.shape), splits, w.dtype, torch.get_num_threads())
+    if key not in _split_cache:
+        gen = torch.Generator().manual_seed(1)
+        probe = torch.randn(_LINEAR_TILE_CANDIDATES[-1], w.shape[1], generator=gen).to(w.dtype)
+        tiles = linear_tiles(w.t())
+        fused = _tiled_mm(probe, w.t(), tiles)
+        parts, start = [], 0
+        for size in splits:
+            parts.append(_tiled_mm(probe, w[start:start + size].t(),
+                                   linear_tiles(w[start:start + size].t())))
+            start += size
+        _split_cache[key] = not torch.equal(fused, torch.cat(parts, dim=-1))
+    return _split_cache[key]
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            splits: tuple[int, ...] | None = None) -> torch.Tensor:
-    """F.linear, batch invariant. `splits` computes a fused weight part by part, so a fused
-    q/k/v or gate/up gives bitwise what the separate projections give."""
+    """F.linear, batch invariant. `splits` names the parts of a fused weight (q/k/v, gate/up):
+    where BLAS would give a part different bits inside the fused product than alone, the parts
+    are computed one by one, so the fused layer matches the separate projections bitwise."""
     x2 = x.reshape(-1, x.shape[-1])
-    if splits is None:
+    if splits is None or not needs_splits(w, splits):
         out = matmul(x2, w.t())
     else:
         parts, start = [], 0
