@@ -14,20 +14,28 @@ def trainer_weights(path: str) -> dict[str, torch.Tensor]:
     return {name: t.to(torch.float32) for name, t in iter_checkpoint(path)}
 
 
-def zmq(address: str, mode: str, path: str, bucket_bytes: int) -> None:
+def zmq(address: str, mode: str, path: str, bucket_bytes: int, repeats: int,
+        share: bool = False) -> None:
+    """Send `repeats` times with one sender, as a trainer does every step; seconds of each."""
     from weight_sync import ZmqWeightSender
     named = trainer_weights(path)
+    seconds = []
     with ZmqWeightSender(address, mode=mode, bucket_bytes=bucket_bytes) as sender:
-        start = time.perf_counter()
-        sender.send(named.items())
-        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+        if share:
+            sender.share(named.items())
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sender.send(named.items())
+            seconds.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": seconds}), flush=True)
 
 
-def gloo(port: int, path: str, bucket_bytes: int) -> None:
+def gloo(port: int, path: str, bucket_bytes: int, repeats: int) -> None:
     from weight_sync import WeightUpdateGroup
     named = trainer_weights(path)
     group = WeightUpdateGroup("127.0.0.1", port, 0, 2, "bench", "gloo")
-    group.send(named.items(), bucket_bytes)
+    for _ in range(repeats):
+        group.send(named.items(), bucket_bytes)
     print(json.dumps({"ok": True}), flush=True)
 
 

@@ -21,11 +21,16 @@ def trained(path: str, seed: int):
 
 
 def zmq_sender(address: str, mode: str, path: str, seed: int, bucket_bytes: int,
-               version: int | None = None, die_after_buckets: int | None = None) -> None:
+               version: int | None = None, die_after_buckets: int | None = None,
+               share: bool = False) -> None:
     from weight_sync import ZmqWeightSender
     model = trained(path, seed)
     sender = ZmqWeightSender(address, mode=mode, bucket_bytes=bucket_bytes)
     named = dict(model.named_parameters())
+    if share:
+        before = {n: id(p) for n, p in named.items()}
+        sender.share(named.items())
+        assert before == {n: id(p) for n, p in model.named_parameters()}
     plan = sender.begin(named, version)
     for i, metas in enumerate(plan):
         if die_after_buckets is not None and i == die_after_buckets:

@@ -98,12 +98,12 @@ def test_float32_trainer_into_bfloat16_engine(qwen3_path):
     assert engine.weights_checksum() != weight_sync.checksum(model.named_parameters())
 
 
-@pytest.mark.parametrize("mode", ["bytes", "handle"])
-def test_zmq_update_from_a_trainer_process(engine, qwen3_path, mode):
+@pytest.mark.parametrize("mode, share", [("bytes", False), ("handle", False), ("handle", True)])
+def test_zmq_update_from_a_trainer_process(engine, qwen3_path, mode, share):
     before = pointers(engine)
     address = engine.start_weight_receiver("tcp://127.0.0.1:0")
     result = finish(peer("zmq_sender", address=address, mode=mode, path=str(qwen3_path), seed=4,
-                         bucket_bytes=1 << 16, version=7))
+                         bucket_bytes=1 << 16, version=7, share=share))
     assert result["version"] == engine.weight_version == 7
     model = trained(qwen3_path, 4)
     assert engine.weights_checksum() == weight_sync.checksum(model.named_parameters())

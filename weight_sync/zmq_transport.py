@@ -38,44 +38,114 @@ class WeightUpdateError(RuntimeError):
     """The engine refused or failed an update; the message says why."""
 
 
+class _Slot:
+    """One staging buffer for a bucket: a shared-memory segment in CPU handle mode."""
+
+    def __init__(self, size: int, device: torch.device, shared: bool):
+        self.shm = shared_memory.SharedMemory(create=True, size=max(size, 1)) if shared else None
+        if shared:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.buffer = torch.frombuffer(self.shm.buf, dtype=torch.uint8, count=size)
+        else:
+            pinned = device.type == "cpu" and torch.cuda.is_available()
+            self.buffer = torch.empty(size, dtype=torch.uint8, device=device, pin_memory=pinned)
+
+    def close(self) -> None:
+        if self.shm is not None:
+            del self.buffer
+            self.shm.close()
+            self.shm.unlink()
+
+
 class ZmqWeightSender:
+    """Trainer side. Buckets are pipelined: the next one is packed into a second staging
+    buffer while the engine loads the previous one."""
+
     def __init__(self, address: str, mode: str = "bytes",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, timeout_s: float = 600.0):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-        self.mode, self.bucket_bytes = mode, bucket_bytes
+        self.mode, self.bucket_bytes, self.timeout_s = mode, bucket_bytes, timeout_s
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.REQ)
-        self._sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(address)
-        self._buffer: torch.Tensor | None = None
-        self._shm: shared_memory.SharedMemory | None = None
+        self._slots: list[_Slot] = []
+        self._busy: _Slot | None = None
+        self._sent = 0
+        self._in_flight = False
+        self._shared: shared_memory.SharedMemory | None = None
+        self._shared_offsets: dict[str, tuple[int, int]] = {}  # name -> (data_ptr, offset)
 
-    def _request(self, header: dict, frames: list = ()) -> dict:
-        self._sock.send_multipart([msgpack.packb(header), *frames], copy=False)
-        try:
-            reply = msgpack.unpackb(self._sock.recv())
-        except zmq.Again:
-            raise WeightUpdateError("the engine did not answer in time") from None
+    def _send(self, header: dict, frames: list = ()) -> None:
+        self._sock.send_multipart([b"", msgpack.packb(header), *frames], copy=False)
+        self._in_flight = True
+
+    def _reply(self) -> dict:
+        if not self._sock.poll(int(self.timeout_s * 1000)):
+            raise WeightUpdateError(f"the engine did not answer within {self.timeout_s:g} s")
+        _, raw = self._sock.recv_multipart()
+        self._in_flight = False
+        reply = msgpack.unpackb(raw)
         if not reply.get("ok"):
             raise WeightUpdateError(reply.get("error", "the engine refused the update"))
         return reply
 
-    def _staging(self, size: int, device: torch.device) -> torch.Tensor:
-        """A reusable buffer for one bucket: shared memory in CPU handle mode."""
-        if self.mode == "handle" and device.type == "cpu":
-            if self._shm is None or self._shm.size < size:
-                self._close_shm()
-                self._shm = shared_memory.SharedMemory(create=True, size=max(size, 1))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=size)
-        pinned = device.type == "cpu" and self.mode == "bytes" and torch.cuda.is_available()
-        if self._buffer is None or self._buffer.numel() < size or self._buffer.device != device:
-            self._buffer = torch.empty(size, dtype=torch.uint8, device=device,
-                                       pin_memory=pinned)
-        return self._buffer[:size]
+    def _request(self, header: dict) -> dict:
+        if self._in_flight:
+            self._reply()
+        self._send(header)
+        return self._reply()
+
+    def _slot(self, size: int, device: torch.device) -> _Slot:
+        shared = self.mode == "handle" and device.type == "cpu"
+        # two slots overlap packing with the engine's load; on CPU handle mode both copies
+        # compete for the same memory bandwidth, and one slot measured faster
+        index = 0 if shared else self._sent % 2
+        while len(self._slots) <= index:
+            self._slots.append(None)
+        slot = self._slots[index]
+        if slot is None or slot.buffer.numel() < size or slot.buffer.device != device:
+            if slot is not None:
+                slot.close()
+            slot = self._slots[index] = _Slot(size, device, shared)
+        return slot
+
+    def share(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Handle mode on the CPU: move these tensors' storage into one shared-memory segment
+        (each tensor object stays the same; its data becomes a view of the segment), so later
+        updates cost the engine a single copy and the sender none. Done once, before training
+        continues; in-place optimizer steps keep the tensors in the segment."""
+        if self.mode != "handle":
+            raise ValueError("share() is for mode='handle'")
+        named = dict(named_tensors)
+        if any(t.device.type != "cpu" for t in named.values()):
+            raise ValueError("share() places CPU tensors in shared memory; GPU tensors already "
+                             "travel as CUDA IPC handles")
+        (metas,) = plan_buckets([TensorMeta.of(n, t) for n, t in named.items()],
+                                bucket_bytes=1 << 62)
+        self._shared = shared_memory.SharedMemory(create=True, size=max(bucket_size(metas), 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            segment = torch.frombuffer(self._shared.buf, dtype=torch.uint8,
+                                       count=bucket_size(metas))
+        pack(named, metas, segment)
+        for (name, view), m in zip(unpack(segment, metas), metas):
+            named[name].data = view
+            self._shared_offsets[name] = (view.data_ptr(), m.offset)
+
+    def _shared_metas(self, named: dict[str, torch.Tensor], metas: list[TensorMeta]):
+        """Wire metas pointing into the shared segment, if every tensor still lives there."""
+        if self._shared is None:
+            return None
+        out = []
+        for m in metas:
+            ptr, offset = self._shared_offsets.get(m.name, (None, None))
+            if ptr is None or named[m.name].data_ptr() != ptr:
+                return None
+            out.append(TensorMeta(m.name, m.dtype, m.shape, offset).to_wire())
+        return out
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
              version: int | None = None) -> int:
@@ -96,30 +166,44 @@ class ZmqWeightSender:
         return plan_buckets(manifest, self.bucket_bytes)
 
     def send_bucket(self, named: dict[str, torch.Tensor], metas: list[TensorMeta]) -> None:
+        """Pack this bucket (while the engine loads the previous one), then send it."""
         size = bucket_size(metas)
         device = named[metas[0].name].device
         header = {"op": "bucket", "tensors": [m.to_wire() for m in metas], "nbytes": size}
-        buf = pack(named, metas, self._staging(size, device))
+        shared = self._shared_metas(named, metas)
+        if shared is not None:  # the tensors live in a segment the engine can map: no packing
+            if self._in_flight:
+                self._reply()
+            self._send({**header, "tensors": shared, "nbytes": self._shared.size,
+                        "shm": self._shared.name})
+            return
+        slot = self._slot(size, device)
+        if self._in_flight and slot is self._busy:
+            self._reply()  # the engine may still be reading this slot
+        buf = pack(named, metas, slot.buffer[:size])
+        if self._in_flight:
+            self._reply()
+        self._sent += 1
+        self._busy = slot
         if self.mode == "bytes":
-            self._request(header, [buf.cpu().numpy() if buf.is_cuda else buf.numpy()])
+            self._send(header, [buf.cpu().numpy() if buf.is_cuda else buf.numpy()])
         elif device.type == "cpu":
-            self._request({**header, "shm": self._shm.name})
+            self._send({**header, "shm": slot.shm.name})
         else:
             from torch.multiprocessing.reductions import reduce_tensor
             torch.cuda.current_stream(device).synchronize()
-            self._request({**header, "cuda_ipc": pickle.dumps(reduce_tensor(buf))})
+            self._send({**header, "cuda_ipc": pickle.dumps(reduce_tensor(buf))})
 
     def commit(self) -> int:
         return self._request({"op": "commit"})["version"]
 
-    def _close_shm(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm.unlink()
-            self._shm = None
-
     def close(self) -> None:
-        self._close_shm()
+        for slot in self._slots:
+            if slot is not None:
+                slot.close()
+        self._slots = []
+        if self._shared is not None:  # the shared tensors keep their mapping until freed
+            self._shared.unlink()
         self._sock.close()
         self._ctx.term()
 
@@ -133,6 +217,8 @@ class ZmqWeightSender:
 class ZmqWeightReceiver:
     """Binds `address` and feeds updates into `sink` from a background thread. A transaction
     whose sender goes silent for `timeout_s` is aborted (the sink marks its weights incomplete).
+    The mappings of a sender's two shared-memory segments are kept between updates (senders
+    reuse theirs), and let go when other segments arrive or the receiver closes.
     """
 
     def __init__(self, sink: WeightSink, address: str, device: torch.device | str = "cpu",
@@ -191,14 +277,15 @@ class ZmqWeightReceiver:
             return {"ok": True}
         if op == "commit":
             self._open = False
-            self._release_shm()
             return {"ok": True, "version": self.sink.commit()}
         raise ValueError(f"unknown op {op!r}")
 
     def _bucket(self, header: dict, frames: list) -> torch.Tensor:
         if "shm" in header:
             shm = self._shm.get(header["shm"])
-            if shm is None:
+            if shm is None:  # senders reuse their two segments: keep the latest mappings
+                if len(self._shm) >= 2:
+                    self._release_shm()
                 shm = shared_memory.SharedMemory(name=header["shm"])
                 resource_tracker.unregister(shm._name, "shared_memory")  # the sender owns it
                 self._shm[header["shm"]] = shm
