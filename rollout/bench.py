@@ -87,6 +87,7 @@ def bench_throughput(model: str | None, workload: Workload, **engine_kwargs) -> 
         engine = Engine(model, deterministic=deterministic, **engine_kwargs)
         label = "deterministic=True" if deterministic else "deterministic=False"
         results.append(run_throughput(engine, workload, label))
+        engine.shutdown()
         del engine
         gc.collect()
     fast, det = results
@@ -184,6 +185,7 @@ def bench_weight_sync(model: str | None, workload: Workload, **engine_kwargs) ->
             engine.update_weights_from_disk(tmp)
             seconds.append(time.perf_counter() - start)
         rows.append(("disk (safetensors, page cache warm)", seconds))
+    engine.shutdown()
 
     base = nbytes / rows[0][1][-1] / 1e9
     lines = [f"weight-sync: {nbytes / 1e6:.0f} MB of float32 trainer weights into a "
@@ -225,6 +227,7 @@ def bench_memory(model: str | None, workload: Workload, **engine_kwargs) -> list
         action()
         lines.append(f"  {label:<46}{time.perf_counter() - start:>9.3f}"
                      f"{resident_bytes() / 1e6:>16.0f}")
+    engine.shutdown()
     return lines
 
 

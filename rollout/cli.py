@@ -1,6 +1,7 @@
 """`rollout generate | bench` (and `serve`, in integrations/)."""
 
 import argparse
+import gc
 import json
 import sys
 
@@ -60,6 +61,7 @@ def cmd_bench(args) -> int:
     for name in suites:
         for line in bench.SUITES[name](args.model, workload, **_engine_kwargs(args)):
             print(line, flush=True)
+        gc.collect()
     return 0
 
 

@@ -505,6 +505,15 @@ class Engine:
             raise ValueError(f"no weight update group {group_name!r}")
         group.destroy()
 
+    def shutdown(self) -> None:
+        """Stop the weight receiver and leave update groups (requests in flight are aborted)."""
+        self.pause_generation("abort")
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+        for name in list(self._groups):
+            self.destroy_weights_update_group(name)
+
     def weights_checksum(self) -> str:
         """Equal to `weight_sync.checksum(model.named_parameters(), dtype=<engine dtype>)` on the
         trainer when the weights are the same."""
