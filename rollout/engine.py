@@ -255,7 +255,8 @@ class Engine:
             if self.tokenizer is not None and not (seq.params.stop and seq.finish_reason):
                 text = self.tokenizer.decode(seq.output_token_ids)
             outs.append(CompletionOutput(
-                index=seq.index, token_ids=seq.output_token_ids, logprobs=list(seq.logprobs),
+                index=seq.index, token_ids=seq.output_token_ids,
+                logprobs=list(seq.logprobs) if seq.params.logprobs else None,
                 finish_reason=seq.finish_reason, cached_tokens=seq.num_cached_tokens,
                 seed=seq.seed, weight_version=seq.weight_version,
                 weight_versions=list(seq.weight_versions),
@@ -331,7 +332,7 @@ class Engine:
                   else list(response_start))
         if len(starts) != len(sequences):
             raise ValueError(f"got {len(starts)} response starts for {len(sequences)} sequences")
-        params = SamplingParams(temperature=temperature, max_tokens=1)
+        params = SamplingParams(temperature=temperature, max_tokens=1, logprobs=True)
         prepared = []
         for i, (tokens, start) in enumerate(zip(sequences, starts)):
             if not 1 <= start < len(tokens):

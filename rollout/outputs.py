@@ -3,14 +3,15 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CompletionOutput:
-    """One sampled completion. `logprobs[i]` is the log-probability of `token_ids[i]`.
+    """One sampled completion. `logprobs[i]` is the log-probability of `token_ids[i]` (None when
+    the request set logprobs=False).
 
     `weight_version` produced the latest token; `weight_versions` lists every version that
     produced tokens of this completion, in order: more than one means the weights were updated
     while it ran (it was not paused with "abort" or "retract")."""
     index: int
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float] | None
     finish_reason: str | None
     cached_tokens: int
     seed: int

@@ -185,6 +185,44 @@ def test_max_tokens_and_top_logprobs(engine):
         assert list(top.values()) == sorted(top.values(), reverse=True)
 
 
+def test_logprobs_flag(engine):
+    prompt = prompts_of([8], seed=15)[0]
+    with_lp = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4),
+                              use_tqdm=False)[0].outputs[0]
+    without = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=4,
+                                                       logprobs=False), use_tqdm=False)[0].outputs[0]
+    assert len(with_lp.logprobs) == 4 and without.logprobs is None
+    assert without.token_ids == with_lp.token_ids
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(qwen3_path, tmp_path):
+    import transformers
+    model = transformers.Qwen3ForCausalLM.from_pretrained(qwen3_path, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3_path / f, tmp_path / "sharded" / f)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    params = SamplingParams(temperature=0, max_tokens=8)
+    single = Engine(str(qwen3_path), num_kv_blocks=32).generate([[3, 4, 5]], params,
+                                                                 use_tqdm=False)
+    sharded = Engine(str(tmp_path / "sharded"), num_kv_blocks=32).generate([[3, 4, 5]], params,
+                                                                          use_tqdm=False)
+    assert tokens(sharded) == tokens(single) and logprob_bits(sharded) == logprob_bits(single)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engines_follow_the_float32_one(qwen3_path, dtype):
+    engine = Engine(str(qwen3_path), dtype=dtype, num_kv_blocks=32)
+    assert engine.runner.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    prompt = prompts_of([20], seed=16)[0]
+    half = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6),
+                           use_tqdm=False)[0].outputs[0]
+    full = Engine(str(qwen3_path), num_kv_blocks=32)
+    scores = full.score([prompt + half.token_ids], len(prompt))[0]
+    assert max(abs(a - b) for a, b in zip(scores, half.logprobs)) < 0.1
+
+
 def test_temperature_scales_the_reported_logprobs(engine, qwen3_path):
     import transformers
     prompt = prompts_of([16], seed=14)[0]

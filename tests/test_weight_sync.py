@@ -87,6 +87,17 @@ def test_in_process_update_named_tensors_and_buckets(engine, qwen3_path):
                                         for o in outs])
 
 
+def test_tied_embeddings_update_through_the_embedding(checkpoints):
+    path = checkpoints("llama-tied")
+    engine = Engine(str(path), num_kv_blocks=64)
+    model = trained(path, 14)
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names  # a tied model lists the shared tensor once
+    engine.update_weights(model.named_parameters())
+    assert engine.weights_checksum() == weight_sync.checksum(model.named_parameters())
+    assert_matches(model, PROMPTS, generated(engine))
+
+
 def test_float32_trainer_into_bfloat16_engine(qwen3_path):
     engine = Engine(str(qwen3_path), dtype="bfloat16", num_kv_blocks=64)
     before = pointers(engine)
