@@ -3,8 +3,8 @@
 Every function here returns, for each row of its input, bits that depend only on that row,
 never on how many rows came with it or where the row sat. How:
 
-- Reductions use `tree_sum`: pairwise halving over a zero-padded power of two, built from
-  elementwise adds, so the order is fixed by construction and extra zero padding is exact.
+- Row reductions are matmuls with a column of ones, on the same fixed row tiles as `linear`;
+  inside attention, `tree_sum` (pairwise halving built from elementwise adds) sums each split.
 - Matmuls call BLAS only on shapes whose row results are independent of the row count: fixed
   row tiles for `linear` (the tile sizes that agree bitwise are measured once per weight shape),
   and, for attention, operands laid out so that every row count >= 2 takes one kernel path.
@@ -35,25 +35,40 @@ def tree_sum(x: torch.Tensor) -> torch.Tensor:
     return y[..., 0]
 
 
+_ones: dict[tuple, torch.Tensor] = {}
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension: one tiled matmul with a column of ones (BLAS's reduction
+    order is fixed per tile class, like every other matmul here)."""
+    n = x.shape[-1]
+    key = (n, x.dtype, x.device)
+    if key not in _ones:
+        _ones[key] = torch.ones(n, 1, dtype=x.dtype, device=x.device)
+    ones = _ones[key]
+    rows = x.reshape(-1, n)
+    return _tiled_mm(rows.contiguous(), ones, linear_tiles(ones)).reshape(x.shape[:-1])
+
+
 def mean_last(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    out = tree_sum(x) / x.shape[-1]
+    out = row_sum(x) / x.shape[-1]
     return out.unsqueeze(-1) if keepdim else out
 
 
 def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, tiles: tuple[int, ...]) -> torch.Tensor:
-    """x [M, K] @ w_t [K, N], as mm calls of fixed row counts taken from `tiles`."""
+    """x [M, K] @ w_t [K, N], as mm calls whose row counts are all taken from `tiles`: the
+    largest tile that fits, repeatedly; a remainder below the smallest tile is zero-padded."""
     m = x.shape[0]
-    big = tiles[-1]
     out = torch.empty(m, w_t.shape[1], dtype=x.dtype, device=x.device)
-    full = m - m % big
-    for i in range(0, full, big):
-        torch.mm(x[i:i + big], w_t, out=out[i:i + big])
-    rest = m - full
-    if rest:
-        tile = next(t for t in tiles if t >= rest)
-        pad = torch.zeros(tile, x.shape[1], dtype=x.dtype, device=x.device)
-        pad[:rest] = x[full:]
-        out[full:] = torch.mm(pad, w_t)[:rest]
+    i = 0
+    while m - i >= tiles[0]:
+        tile = max(t for t in tiles if t <= m - i)
+        torch.mm(x[i:i + tile], w_t, out=out[i:i + tile])
+        i += tile
+    if i < m:
+        pad = torch.zeros(tiles[0], x.shape[1], dtype=x.dtype, device=x.device)
+        pad[:m - i] = x[i:]
+        out[i:] = torch.mm(pad, w_t)[:m - i]
     return out
 
 
@@ -145,7 +160,7 @@ def softmax_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     x = x.to(torch.float32)
     z = x - x.amax(-1, keepdim=True)
     e = torch.exp(z)
-    return z, e, tree_sum(e)
+    return z, e, row_sum(e)
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
