@@ -12,8 +12,12 @@ never on how many rows came with it or where the row sat. How:
   paths agree; `silu` is rebuilt from `exp` because torch's own does not.
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from kernels import composite
 
 _LINEAR_TILE_CANDIDATES = (16, 32, 64, 128)
 _tile_cache: dict[tuple, tuple[int, ...]] = {}
@@ -48,11 +52,6 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     ones = _ones[key]
     rows = x.reshape(-1, n)
     return _tiled_mm(rows.contiguous(), ones, linear_tiles(ones)).reshape(x.shape[:-1])
-
-
-def mean_last(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    out = row_sum(x) / x.shape[-1]
-    return out.unsqueeze(-1) if keepdim else out
 
 
 def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, tiles: tuple[int, ...]) -> torch.Tensor:
@@ -137,36 +136,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Same op sequence as the Hugging Face RMSNorm of Llama/Qwen."""
-    dtype = x.dtype
-    xf = x.to(torch.float32)
-    variance = mean_last(xf.pow(2), keepdim=True)
-    xf = xf * torch.rsqrt(variance + eps)
-    return weight * xf.to(dtype)
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    return x / (1 + torch.exp(-x))
-
-
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return silu(gate) * up
-
-
-def softmax_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z = x - max, e = exp(z), s = sum(e) over the last dimension, in float32. log_softmax is
-    z - log(s); a sampler can draw from e and price one token without the full log_softmax."""
-    x = x.to(torch.float32)
-    z = x - x.amax(-1, keepdim=True)
-    e = torch.exp(z)
-    return z, e, row_sum(e)
-
-
-def log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dimension, in float32."""
-    z, _, s = softmax_parts(x)
-    return z - torch.log(s).unsqueeze(-1)
 
 
 # ---------------------------------------------------------------- attention
@@ -284,3 +255,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     positions = torch.arange(length, device=q.device)
     return _dense_rows_attend(q, positions, kv_heads, lambda s: (k_tiles[s], v_tiles[s]),
                               num_splits, scale)
+
+
+# ---------------------------------------------------------------- composite ops on row_sum
+mean_last = partial(composite.mean_last, row_sum)
+rms_norm = partial(composite.rms_norm, row_sum)
+softmax_parts = partial(composite.softmax_parts, row_sum)
+log_softmax = partial(composite.log_softmax, row_sum)
+silu, silu_and_mul = composite.silu, composite.silu_and_mul

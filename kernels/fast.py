@@ -6,8 +6,12 @@ keeps the split kernel of the deterministic backend: gathering a paged cache int
 torch's SDPA wants costs more than the split kernel does (measured by `rollout bench`).
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from kernels import composite
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -15,11 +19,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return F.linear(x, w, bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
+def _row_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(-1)
+
+
+rms_norm = partial(composite.rms_norm, _row_sum)
+softmax_parts = partial(composite.softmax_parts, _row_sum)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -28,10 +33,3 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(x.to(torch.float32), dim=-1)
-
-
-def softmax_parts(x: torch.Tensor):
-    x = x.to(torch.float32)
-    z = x - x.amax(-1, keepdim=True)
-    e = torch.exp(z)
-    return z, e, e.sum(-1)

@@ -8,10 +8,13 @@ the same torch elementwise steps as kernels/cpu.py, so the trainer-side mode, wh
 the aten ops below, reproduces them bitwise.
 """
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
+from kernels import composite
 from kernels.cpu import store_kv  # noqa: F401  (a scatter: no reduction to reorder)
 
 GEMM_BLOCK_M, GEMM_BLOCK_N, GEMM_BLOCK_K = 32, 32, 32
@@ -89,36 +92,8 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[:-1])
 
 
-def mean_last(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    out = (row_sum(x) / x.shape[-1]).to(x.dtype)
-    return out.unsqueeze(-1) if keepdim else out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(mean_last(xf.pow(2), keepdim=True) + eps)
-    return weight * xf.to(dtype)
-
-
-def silu(x: torch.Tensor) -> torch.Tensor:
-    return x / (1 + torch.exp(-x))
-
-
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return silu(gate) * up
-
-
-def softmax_parts(x: torch.Tensor):
-    x = x.to(torch.float32)
-    z = x - x.amax(-1, keepdim=True)
-    e = torch.exp(z)
-    return z, e, row_sum(e)
-
-
-def log_softmax(x: torch.Tensor) -> torch.Tensor:
-    z, _, s = softmax_parts(x)
-    return z - torch.log(s).unsqueeze(-1)
 
 
 # ---------------------------------------------------------------- attention
@@ -192,3 +167,11 @@ def causal_attention(q, k, v, scale, split_size):
     table = torch.arange(blocks, device=q.device)
     return prefill_attention(q, k_cache, v_cache, table, torch.arange(length, device=q.device),
                              scale)
+
+
+# ---------------------------------------------------------------- composite ops on row_sum
+mean_last = partial(composite.mean_last, row_sum)
+rms_norm = partial(composite.rms_norm, row_sum)
+softmax_parts = partial(composite.softmax_parts, row_sum)
+log_softmax = partial(composite.log_softmax, row_sum)
+silu, silu_and_mul = composite.silu, composite.silu_and_mul

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import DEFAULT_SPLIT_SIZE
+
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,7 +129,7 @@ class EngineConfig:
     model: str
     device: str = field(default_factory=default_device)
     dtype: str = "auto"
-    block_size: int = 32
+    block_size: int = DEFAULT_SPLIT_SIZE  # also the attention split: trainers use the same
     kv_cache_memory: int | None = None
     num_kv_blocks: int | None = None
     max_num_seqs: int = 256
