@@ -97,16 +97,18 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish the blocks of `seq` that are now full and computed to the prefix cache."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.cacheable:
             return
         full = seq.num_computed_tokens // self.block_size
-        prefix = None
-        for i in range(full):
+        first = full  # hashed blocks form a prefix: walk back to its end
+        while first > 0 and self.blocks[seq.block_table[first - 1]].hash is None:
+            first -= 1
+        prefix = self.blocks[seq.block_table[first - 1]].hash if first else None
+        for i in range(first, full):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is None:
-                tokens = seq.block_tokens(i)
-                block.hash, block.token_ids = chain_hash(prefix, tokens), tuple(tokens)
-                self.cached.setdefault(block.hash, block.block_id)
+            tokens = seq.block_tokens(i)
+            block.hash, block.token_ids = chain_hash(prefix, tokens), tuple(tokens)
+            self.cached.setdefault(block.hash, block.block_id)
             prefix = block.hash
 
     def free_sequence(self, seq: Sequence) -> None:
@@ -117,6 +119,7 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.cacheable = True  # recomputed from scratch next time
 
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Give `child` the blocks of `parent`: full blocks shared, a partial last block copied.

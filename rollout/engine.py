@@ -417,7 +417,7 @@ class Engine:
     def commit_weight_update(self) -> int:
         with self._control():
             version = self.weights.commit()
-            self.block_manager.reset_prefix_cache()  # cached K/V came from the old weights
+            self.scheduler.forget_cached_prefixes()  # cached K/V came from the old weights
             if self.scheduler.has_work():
                 self._kick()
             return version

@@ -84,6 +84,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
+    def forget_cached_prefixes(self) -> None:
+        """After a weight update: drop every cached prefix, and keep the blocks of sequences
+        still running on K/V from the old weights out of the cache for good."""
+        self.block_manager.reset_prefix_cache()
+        for seq in self.running:
+            seq.cacheable = False
+
     def retract_all(self) -> None:
         """Put every running sequence back in the queue, its KV cache freed (recomputed later,
         with the same bits)."""

@@ -40,6 +40,8 @@ class Sequence:
         self.forks: list["Sequence"] = []
         # scoring only: price tokens from this position on, teacher-forced, and sample nothing
         self.score_from: int | None = None
+        # False once its K/V mixes weight versions: its blocks must never enter the prefix cache
+        self.cacheable = True
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, "

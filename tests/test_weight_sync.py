@@ -19,7 +19,7 @@ from rollout.weights import IncompleteWeightsError
 from tests.peers import trained
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = [[1, 2, 3, 4], [100, 200, 300, 400, 500, 7, 8], [42] * 20]
+PROMPTS = [[1, 2, 3, 4], [100, 200, 300, 400, 500, 7, 8], [42] * 40]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
@@ -237,6 +237,9 @@ def test_in_place_pause_then_update_says_the_weights_were_mixed(engine, qwen3_pa
     thread.join(timeout=120)
     for out in box["out"]:
         assert out.outputs[0].weight_versions == [0, 1] and out.outputs[0].weight_version == 1
+    # their K/V mixed two versions: none of it may serve a later request
+    again = engine.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert all(o.outputs[0].cached_tokens == 0 for o in again)
 
 
 def test_update_drops_prefix_cache_entries_of_older_weights(engine, qwen3_path):
