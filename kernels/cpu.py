@@ -12,6 +12,7 @@ never on how many rows came with it or where the row sat. How:
   paths agree; `silu` is rebuilt from `exp` because torch's own does not.
 """
 
+import weakref
 from functools import partial
 
 import torch
@@ -149,20 +150,27 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 # the same BLAS path, which makes a query's bits the same in decode, prefill and scoring.
 
 
-def _online_update(state, q_rows, q_pos, k_t, v, split: int, scale: float):
+def _fold_split(state, scores: torch.Tensor, q_pos: torch.Tensor, split: int, pv):
+    """Fold one split into the running softmax of every row. scores [..., S] are scaled and
+    unmasked; pv(p) returns p @ V for the split. A row that sees no key of the split is left
+    exactly as it was."""
     m, l, acc = state
-    size = k_t.shape[-1]
-    scores = torch.bmm(q_rows, k_t.to(torch.float32)) * scale
-    key_pos = torch.arange(split * size, (split + 1) * size, device=q_rows.device)
-    allowed = key_pos <= q_pos.unsqueeze(-1)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    size = scores.shape[-1]
+    key_pos = torch.arange(split * size, (split + 1) * size, device=scores.device)
+    scores = scores.masked_fill(key_pos > q_pos.unsqueeze(-1), float("-inf"))
     m_new = torch.maximum(m, scores.amax(-1))
     m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
     alpha = torch.exp(m - m_safe)
     p = torch.exp(scores - m_safe.unsqueeze(-1))
     l = l * alpha + tree_sum(p)
-    acc = acc * alpha.unsqueeze(-1) + torch.bmm(p, v.to(torch.float32))
+    acc = acc * alpha.unsqueeze(-1) + pv(p)
     return m_new, l, acc
+
+
+def _initial_state(rows_shape, d: int, device):
+    return (torch.full(rows_shape, float("-inf"), device=device),
+            torch.zeros(rows_shape, device=device),
+            torch.zeros(*rows_shape, d, device=device))
 
 
 def _attend(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, num_splits: int,
@@ -172,13 +180,12 @@ def _attend(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, num_splits: int,
     if pad:
         q_rows = torch.cat([q_rows, torch.zeros_like(q_rows)], dim=1)
         q_pos = torch.cat([q_pos, q_pos], dim=1)
-    b, rows, d = q_rows.shape
-    state = (torch.full((b, rows), float("-inf"), device=q_rows.device),
-             torch.zeros(b, rows, device=q_rows.device),
-             torch.zeros(b, rows, d, device=q_rows.device))
+    state = _initial_state(q_rows.shape[:2], q_rows.shape[2], q_rows.device)
     for s in range(num_splits):
         k_t, v = tiles(s)
-        state = _online_update(state, q_rows, q_pos, k_t, v, s, scale)
+        scores = torch.bmm(q_rows, k_t.to(torch.float32)) * scale
+        state = _fold_split(state, scores, q_pos, s,
+                            lambda p: torch.bmm(p, v.to(torch.float32)))
     _, l, acc = state
     out = acc / l.unsqueeze(-1)
     return out[:, :1] if pad else out
@@ -193,24 +200,83 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache[blocks, :, offsets, :] = v.to(v_cache.dtype)
 
 
+_last_plan: list = [(lambda: None, None)]  # [(weakref to the block tables, their plan)]
+
+
+def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: int) -> list:
+    """Per split: groups (blocks [U], seqs [U * c], c) of the sequences that read each block,
+    c sequences per block. A block shared by c sequences (a GRPO group's prompt) is read once
+    for all of them. Made once per step: every layer has the same block tables."""
+    ref, plan = _last_plan[0]
+    if ref() is not block_tables:
+        tables, lens = block_tables.tolist(), context_lens.tolist()
+        plan = []
+        for s in range(-(-max(lens) // size)):
+            readers: dict[int, list[int]] = {}
+            for i, (table, n) in enumerate(zip(tables, lens)):
+                if s * size < n:
+                    readers.setdefault(table[s], []).append(i)
+            by_count: dict[int, tuple[list[int], list[int]]] = {}
+            for block, seqs in readers.items():
+                blocks, rows = by_count.setdefault(len(seqs), ([], []))
+                blocks.append(block)
+                rows.extend(seqs)
+            plan.append([(torch.tensor(b, device=block_tables.device),
+                          torch.tensor(r, device=block_tables.device), c)
+                         for c, (b, r) in sorted(by_count.items())])
+        _last_plan[0] = (weakref.ref(block_tables), plan)
+    return plan
+
+
+def _grouped(x: torch.Tensor, seqs: torch.Tensor, c: int) -> torch.Tensor:
+    """Rows of the sequences that share a block, stacked: [N, H, g, X] -> [U * H, c * g, X]."""
+    u = seqs.numel() // c
+    _, h, g, last = x.shape
+    rows = x.index_select(0, seqs).reshape(u, c, h, g, last).transpose(1, 2)
+    return rows.reshape(u * h, c * g, last)
+
+
+def _ungrouped(y: torch.Tensor, c: int, h: int, g: int) -> torch.Tensor:
+    """Inverse of `_grouped`: [U * H, c * g, X] -> [U * c, H, g, X]."""
+    u = y.shape[0] // h
+    return y.reshape(u, h, c, g, y.shape[-1]).transpose(1, 2).reshape(u * c, h, g, y.shape[-1])
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """One new query per sequence. q [N, H, D]; block_tables [N, max_blocks]; context_lens [N]
-    counts the keys, the query's own included. Returns [N, H, D] in q's dtype."""
+    counts the keys, the query's own included. Returns [N, H, D] in q's dtype.
+
+    Each split reads every block once: the query rows of all sequences sharing the block are
+    stacked into one matmul (any row count >= 2 takes the same BLAS path, so a row's bits do
+    not depend on how many sequences share its block)."""
     n, h, d = q.shape
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     group = h // kv_heads
-    q_rows = q.to(torch.float32).reshape(n * kv_heads, group, d)
-    q_pos = (context_lens - 1).repeat_interleave(kv_heads).unsqueeze(-1).expand(-1, group)
-    num_splits = int((context_lens.max().item() + size - 1) // size)
+    q4 = q.to(torch.float32).reshape(n, kv_heads, group, d)
+    if group == 1:  # one row would take BLAS's gemv path: add a zero row
+        q4 = torch.cat([q4, torch.zeros_like(q4)], dim=2)
+    rows = q4.shape[2]
+    q_pos = (context_lens - 1).view(n, 1, 1).expand(n, kv_heads, rows)
+    state = _initial_state((n, kv_heads, rows), d, q.device)
+    for s, groups in enumerate(_decode_plan(block_tables, context_lens, size)):
+        scores = torch.full((n, kv_heads, rows, size), float("-inf"), device=q.device)
+        for blocks, seqs, c in groups:
+            k_t = k_cache.index_select(0, blocks).reshape(-1, d, size).to(torch.float32)
+            part = torch.bmm(_grouped(q4, seqs, c), k_t) * scale
+            scores[seqs] = _ungrouped(part, c, kv_heads, rows)
 
-    def tiles(s):
-        ids = block_tables[:, s].contiguous()
-        return (k_cache.index_select(0, ids).reshape(n * kv_heads, d, size),
-                v_cache.index_select(0, ids).reshape(n * kv_heads, size, d))
+        def pv(p, groups=groups):
+            out = torch.zeros(n, kv_heads, rows, d, device=q.device)
+            for blocks, seqs, c in groups:
+                v = v_cache.index_select(0, blocks).reshape(-1, size, d).to(torch.float32)
+                out[seqs] = _ungrouped(torch.bmm(_grouped(p, seqs, c), v), c, kv_heads, rows)
+            return out
 
-    out = _attend(q_rows, q_pos.contiguous(), tiles, num_splits, scale)
+        state = _fold_split(state, scores, q_pos, s, pv)
+    _, l, acc = state
+    out = (acc / l.unsqueeze(-1))[:, :, :group]
     return out.reshape(n, h, d).to(q.dtype)
 
 
