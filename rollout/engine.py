@@ -25,7 +25,6 @@ from rollout.sampling_params import SamplingParams
 from rollout.scheduler import Scheduler
 from rollout.sequence import Sequence
 from rollout.tokenizer import load_tokenizer
-from rollout.weights import WeightStore
 from weight_sync.buckets import DEFAULT_BUCKET_BYTES, Bucket, TensorMeta, dtype_name
 
 PAUSE_MODES = ("abort", "retract", "in_place")
@@ -95,8 +94,7 @@ class Engine:
                                    self.config.max_num_batched_tokens, self.max_model_len,
                                    self.model_config.eos_token_ids,
                                    self.tokenizer.decode if self.tokenizer else None)
-        self.weights = WeightStore(self.runner.model.weight_targets(),
-                                   self.model_config.tie_word_embeddings)
+        self.weights = self.runner.weights
         self._requests: dict[str, _Request] = {}
         self._cond = threading.Condition(threading.RLock())
         self._waiting_controls = 0

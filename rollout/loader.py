@@ -1,7 +1,7 @@
 """Hugging Face checkpoint directories: config, safetensors shards, model construction."""
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from kernels import Ops
 from rollout.config import ModelConfig
-from rollout.models import MODEL_CLASSES, DecoderForCausalLM, WeightTarget
+from rollout.models import MODEL_CLASSES, DecoderForCausalLM
 
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -95,29 +95,3 @@ def build_model(cfg: ModelConfig, ops: Ops, device: torch.device, dtype: torch.d
     """Allocate the model's parameters once, uninitialized, on the device."""
     with _default_dtype(dtype), torch.device(device):
         return MODEL_CLASSES[cfg.architecture](ops, cfg, dtype, max_positions)
-
-
-def load_weights(targets: dict[str, WeightTarget],
-                 named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Copy checkpoint tensors into their targets, in place. Returns the names loaded."""
-    loaded = set()
-    for name, tensor in named_tensors:
-        target = targets.get(name)
-        if target is None:
-            raise ValueError(f"checkpoint tensor {name!r} is not a parameter of this model")
-        if tuple(tensor.shape) != target.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {target.shape}")
-        target.view().copy_(tensor)
-        loaded.add(name)
-    return loaded
-
-
-def load_checkpoint(model: DecoderForCausalLM, path: str | Path) -> None:
-    targets = model.weight_targets()
-    loaded = load_weights(targets, iter_checkpoint(path))
-    missing = sorted(set(targets) - loaded - {"lm_head.weight"} if model.cfg.tie_word_embeddings
-                     else set(targets) - loaded)
-    if missing:
-        raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} tensors the model "
-                         f"needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -7,11 +7,12 @@ import torch
 from kernels import get_ops
 from rollout.config import EngineConfig, ModelConfig
 from rollout.context import ForwardContext, PrefillSegment, forward_context
-from rollout.loader import build_model, load_checkpoint
+from rollout.loader import build_model
 from rollout.memory import Arena, make_arena, trim_host_memory
 from rollout.sampler import Sampler, SampleSpec
 from rollout.scheduler import Sample, ScheduledBatch
 from rollout.sequence import Sequence
+from rollout.weights import WeightStore
 
 _CPU_KV_CACHE_DEFAULT = 4 << 30
 
@@ -39,7 +40,9 @@ class ModelRunner:
             "weights", sum(s.numel() for s in shapes), self.dtype, self.device,
             lambda buf: _bind_parameters(params, shapes, buf))
         trim_host_memory()  # the parameters' first, separate allocations are gone
-        load_checkpoint(self.model, config.model)
+        self.weights = WeightStore(self.model.weight_targets(),
+                                   model_config.tie_word_embeddings)
+        self.weights.load_checkpoint(config.model)
         self.sampler = Sampler(self.ops.softmax_parts)
         self.num_blocks = self._num_blocks(max_model_len)
         self.k_cache = self.v_cache = None

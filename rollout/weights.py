@@ -127,6 +127,21 @@ class WeightStore:
                 f"weights are incomplete: {self.broken.message}; generation resumes after an "
                 f"update that rewrites them (the last complete version was {self.version})")
 
+    def load_checkpoint(self, path) -> None:
+        """The first load: every tensor the model needs, as version 0, through the same
+        transaction as any update."""
+        from rollout.loader import checkpoint_manifest, iter_checkpoint
+        manifest = checkpoint_manifest(path)
+        missing = sorted(set(self.canonical) - {m.name for m in manifest}
+                         - ({"model.embed_tokens.weight"} if "lm_head.weight" in
+                            {m.name for m in manifest} else set()))
+        if missing:
+            raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} tensors the model "
+                             f"needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        self.begin(0, manifest)
+        self.load(iter_checkpoint(path))
+        self.commit()
+
     def checksum(self) -> str:
         from weight_sync.digest import checksum
         return checksum((n, self.targets[n].view()) for n in self.canonical)
