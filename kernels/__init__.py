@@ -6,6 +6,7 @@ Nothing here imports the engine.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -24,12 +25,15 @@ class Ops:
     store_kv: Callable
     decode_attention: Callable
     prefill_attention: Callable
+    # prepare(linears [(weight, splits)], row_lengths, head_dim, split, dtype): decides (and
+    # proves, where the backend calls BLAS) every shape before the first step; see `report()`
+    prepare: Callable
 
 
 def _ops_from(module) -> Ops:
     return Ops(module.linear, module.rms_norm, module.silu_and_mul, module.log_softmax,
                module.softmax_parts, module.store_kv, module.decode_attention,
-               module.prefill_attention)
+               module.prefill_attention, module.prepare)
 
 
 BACKENDS = ("auto", "torch", "triton")
@@ -55,7 +59,7 @@ def get_ops(device: torch.device | str, deterministic: bool = True,
     from kernels import fast
     return Ops(fast.linear, fast.rms_norm, fast.silu_and_mul, fast.log_softmax,
                fast.softmax_parts, invariant.store_kv, invariant.decode_attention,
-               invariant.prefill_attention)
+               invariant.prefill_attention, partial(fast.prepare, invariant))
 
 
 def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "auto"):
@@ -63,6 +67,13 @@ def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "a
     as the engine, so a Hugging Face model computes the rollout's log-probs bitwise."""
     from kernels.mode import BatchInvariantMode
     return BatchInvariantMode(split_size, backend)
+
+
+def report():
+    """What each op shape decided in this process runs, and whether its batch invariance is
+    guaranteed on this machine (`kernels.invariance.Verdict` rows)."""
+    from kernels import invariance
+    return invariance.verdicts()
 
 
 def __getattr__(name: str):
@@ -74,5 +85,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
 
 
-__all__ = ["Ops", "get_ops", "backend_module", "batch_invariant_mode", "DEFAULT_SPLIT_SIZE",
+__all__ = ["Ops", "get_ops", "report", "backend_module", "batch_invariant_mode", "DEFAULT_SPLIT_SIZE",
            "HF_ATTENTION"]

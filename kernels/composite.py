@@ -9,6 +9,22 @@ import torch
 RowSum = Callable[[torch.Tensor], torch.Tensor]
 
 
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension in a fixed pairwise order, from elementwise adds alone:
+    halving over the width padded with zeros to a power of two (the padding is never
+    materialized: adding 0 is exact)."""
+    n = x.shape[-1]
+    if n == 1:
+        return x[..., 0]
+    half = 1 << (n - 1).bit_length() - 1
+    y = x[..., :half].clone()
+    y[..., :n - half] += x[..., half:]
+    while half > 1:
+        half //= 2
+        y = y[..., :half] + y[..., half:]
+    return y[..., 0]
+
+
 def mean_last(row_sum: RowSum, x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     out = (row_sum(x) / x.shape[-1]).to(x.dtype)
     return out.unsqueeze(-1) if keepdim else out

@@ -3,11 +3,13 @@
 Every function here returns, for each row of its input, bits that depend only on that row,
 never on how many rows came with it or where the row sat. How:
 
-- Row reductions are matmuls with a column of ones, on the same fixed row tiles as `linear`;
-  inside attention, `tree_sum` (pairwise halving built from elementwise adds) sums each split.
-- Matmuls call BLAS only on shapes whose row results are independent of the row count: fixed
-  row tiles for `linear` (the tile sizes that agree bitwise are measured once per weight shape),
-  and, for attention, operands laid out so that every row count >= 2 takes one kernel path.
+- Matmuls call BLAS only with a fixed row tile (rows padded with zeros up to it), and only with
+  tiles proven invariant on this machine for the exact operand shape, strides, dtype and thread
+  count (`kernels.invariance`); where none is, they run `owned_mm`, whose order is ours.
+- Row reductions are matmuls with a column of ones, on the same proven tiles; inside attention,
+  `tree_sum` (pairwise halving built from elementwise adds) sums each split.
+- Attention score and value products are batched matmuls on proven row tiles too, batch counts
+  capped at `invariance.MAX_BATCH`.
 - Transcendentals are only `exp`, `log`, `rsqrt`, `cos`, `sin`, whose vectorized and scalar
   paths agree; `silu` is rebuilt from `exp` because torch's own does not.
 """
@@ -18,86 +20,146 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from kernels import composite
+from kernels import composite, invariance
+from kernels.composite import tree_sum
+from kernels.invariance import Plan
 
-_LINEAR_TILE_CANDIDATES = (16, 32, 64, 128)
-_tile_cache: dict[tuple, tuple[int, ...]] = {}
+_plans: dict[tuple, Plan] = {}
 _split_cache: dict[tuple, bool] = {}
 
 
-def tree_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension in a fixed pairwise order: halving over the width padded
-    with zeros to a power of two (the padding is never materialized: adding 0 is exact)."""
-    n = x.shape[-1]
-    if n == 1:
-        return x[..., 0]
-    half = 1 << (n - 1).bit_length() - 1
-    y = x[..., :half].clone()
-    y[..., :n - half] += x[..., half:]
-    while half > 1:
-        half //= 2
-        y = y[..., :half] + y[..., half:]
-    return y[..., 0]
+def blas_mm(a: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> None:
+    """The one BLAS matmul call of this backend: out = a @ w_t, a [T, K] with T a proven tile."""
+    torch.mm(a, w_t, out=out)
+
+
+def blas_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The one batched BLAS call: a [B, T, K] @ b [B, K, N], contiguous, T a proven tile."""
+    return torch.bmm(a, b)
+
+
+def owned_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., M, K] @ b [..., K, N] in an order of our own: float32 products added in order of
+    k, each step a separate elementwise multiply and add (exactly rounded, so no vector or scalar
+    path of any kernel changes a bit). Slow; for shapes where no BLAS tile proves invariant."""
+    acc = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=torch.float32, device=a.device)
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    for k in range(a.shape[-1]):
+        acc = acc + a32[..., k:k + 1] * b32[..., k:k + 1, :]
+    return acc.to(a.dtype)
+
+
+def reset() -> None:
+    """Forget every plan and verdict (for tests that swap the BLAS calls)."""
+    _plans.clear()
+    _split_cache.clear()
+    _ones.clear()
+    invariance.reset()
+
+
+def _shape_label(k: int, n: int) -> str:
+    return f"K={k} N={n}"
+
+
+def _decided(key: tuple, prove, op: str, shape: str, dtype) -> tuple[Plan, invariance.Verdict]:
+    got = _plans.get(key)
+    if got is None:
+        plan = prove()
+        got = _plans[key] = (plan, invariance.record(op, shape, dtype, plan.describe(), True))
+    return got
+
+
+def _mm_decided(w_t: torch.Tensor, op: str) -> tuple[Plan, invariance.Verdict]:
+    n = w_t.shape[1]
+
+    def run(a, _batch):
+        out = torch.empty(a.shape[1], n, dtype=a.dtype)
+        blas_mm(a[0], w_t, out)
+        return out.unsqueeze(0)
+
+    key = (tuple(w_t.shape), w_t.stride(), w_t.dtype, torch.get_num_threads())
+    return _decided(key, lambda: invariance.prove_tiles(run, w_t.shape[0], w_t.dtype), op,
+                    _shape_label(*w_t.shape), w_t.dtype)
+
+
+def mm_plan(w_t: torch.Tensor, op: str = "matmul") -> Plan:
+    """The proven row tiles for x @ w_t, measured once per (shape, strides, dtype, threads)."""
+    return _mm_decided(w_t, op)[0]
+
+
+def _bmm_decided(k: int, n: int, op: str) -> tuple[Plan, invariance.Verdict]:
+    def prove():
+        gen = torch.Generator().manual_seed(2)
+        operand = torch.randn(invariance.MAX_BATCH, k, n, generator=gen)
+        return invariance.prove_tiles(lambda a, batch: blas_bmm(a.contiguous(), operand[batch]),
+                                      k, torch.float32, batch=invariance.MAX_BATCH)
+
+    return _decided(("bmm", k, n, torch.get_num_threads()), prove, op,
+                    f"{_shape_label(k, n)} batch<={invariance.MAX_BATCH}", torch.float32)
+
+
+def bmm_plan(k: int, n: int, op: str) -> Plan:
+    """The proven row tiles for float32 [B, T, k] @ [B, k, n], any B up to MAX_BATCH."""
+    return _bmm_decided(k, n, op)[0]
+
+
+def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """x [M, K] @ w_t [K, N] in the plan's row tiles (or in our own order)."""
+    if not plan.blas:
+        return owned_mm(x, w_t)
+    m = x.shape[0]
+    out = torch.empty(m, w_t.shape[1], dtype=x.dtype, device=x.device)
+    for start, rows, tile in plan.chunks(m):
+        if rows == tile:
+            blas_mm(x[start:start + tile], w_t, out[start:start + tile])
+        else:
+            pad = torch.zeros(tile, x.shape[1], dtype=x.dtype, device=x.device)
+            pad[:rows] = x[start:]
+            part = torch.empty(tile, w_t.shape[1], dtype=x.dtype, device=x.device)
+            blas_mm(pad, w_t, part)
+            out[start:] = part[:rows]
+    return out
+
+
+def rows_bmm(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
+    """a [B, M, K] @ b [B, K, N] in float32, in proven row tiles and batch chunks: each row's
+    bits depend only on that row and its batch entry of b."""
+    bsz, m, k = a.shape
+    plan = bmm_plan(k, b.shape[2], op)
+    if not plan.blas:
+        return owned_mm(a, b)
+    out = torch.empty(bsz, m, b.shape[2], dtype=torch.float32, device=a.device)
+    for start, rows, tile in plan.chunks(m):
+        part = a[:, start:start + rows]
+        if rows < tile:
+            part = F.pad(part, (0, 0, 0, tile - rows))
+        part = part.contiguous()
+        for lo in range(0, bsz, invariance.MAX_BATCH):
+            hi = min(lo + invariance.MAX_BATCH, bsz)
+            out[lo:hi, start:start + rows] = blas_bmm(part[lo:hi], b[lo:hi])[:, :rows]
+    return out
 
 
 _ones: dict[tuple, torch.Tensor] = {}
 
 
-def row_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension: one tiled matmul with a column of ones (BLAS's reduction
-    order is fixed per tile class, like every other matmul here)."""
-    n = x.shape[-1]
-    key = (n, x.dtype, x.device)
+def _ones_column(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (n, dtype, device)
     if key not in _ones:
-        _ones[key] = torch.ones(n, 1, dtype=x.dtype, device=x.device)
-    ones = _ones[key]
-    rows = x.reshape(-1, n)
-    return _tiled_mm(rows.contiguous(), ones, linear_tiles(ones)).reshape(x.shape[:-1])
+        _ones[key] = torch.ones(n, 1, dtype=dtype, device=device)
+    return _ones[key]
 
 
-def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, tiles: tuple[int, ...]) -> torch.Tensor:
-    """x [M, K] @ w_t [K, N], as mm calls whose row counts are all taken from `tiles`: the
-    largest tile that fits, repeatedly; a remainder below the smallest tile is zero-padded."""
-    m = x.shape[0]
-    out = torch.empty(m, w_t.shape[1], dtype=x.dtype, device=x.device)
-    i = 0
-    while m - i >= tiles[0]:
-        tile = max(t for t in tiles if t <= m - i)
-        torch.mm(x[i:i + tile], w_t, out=out[i:i + tile])
-        i += tile
-    if i < m:
-        pad = torch.zeros(tiles[0], x.shape[1], dtype=x.dtype, device=x.device)
-        pad[:m - i] = x[i:]
-        out[i:] = torch.mm(pad, w_t)[:m - i]
-    return out
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension: one tiled matmul with a column of ones."""
+    ones = _ones_column(x.shape[-1], x.dtype, x.device)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return _tiled_mm(rows, ones, mm_plan(ones, "row_sum")).reshape(x.shape[:-1])
 
 
-def linear_tiles(w_t: torch.Tensor) -> tuple[int, ...]:
-    """Row tile sizes whose mm results agree bitwise with the smallest tile, for x @ w_t.
-
-    BLAS picks kernels by problem shape (and by operand strides); tiles in one class give each
-    row the same bits. Measured on the real operand once per (shape, strides, dtype, threads).
-    """
-    key = (tuple(w_t.shape), w_t.stride(), w_t.dtype, torch.get_num_threads())
-    tiles = _tile_cache.get(key)
-    if tiles is None:
-        gen = torch.Generator().manual_seed(0)
-        probe = torch.randn(_LINEAR_TILE_CANDIDATES[-1], w_t.shape[0], generator=gen)
-        probe = probe.to(w_t.dtype)
-        base_t = _LINEAR_TILE_CANDIDATES[0]
-        ref = torch.mm(probe[:base_t], w_t)
-        tiles = (base_t,)
-        for t in _LINEAR_TILE_CANDIDATES[1:]:
-            if not torch.equal(torch.mm(probe[:t], w_t)[:base_t], ref):
-                break
-            tiles += (t,)
-        _tile_cache[key] = tiles
-    return tiles
-
-
-def matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+def matmul(x: torch.Tensor, w_t: torch.Tensor, op: str = "matmul") -> torch.Tensor:
     """x [M, K] @ w_t [K, N]; each output row depends only on its input row."""
-    return _tiled_mm(x.contiguous(), w_t, linear_tiles(w_t))
+    return _tiled_mm(x.contiguous(), w_t, mm_plan(w_t, op))
 
 
 def needs_splits(w: torch.Tensor, splits: tuple[int, ...]) -> bool:
@@ -106,13 +168,12 @@ def needs_splits(w: torch.Tensor, splits: tuple[int, ...]) -> bool:
     key = (tuple(w.shape), splits, w.dtype, torch.get_num_threads())
     if key not in _split_cache:
         gen = torch.Generator().manual_seed(1)
-        probe = torch.randn(_LINEAR_TILE_CANDIDATES[-1], w.shape[1], generator=gen).to(w.dtype)
-        tiles = linear_tiles(w.t())
-        fused = _tiled_mm(probe, w.t(), tiles)
+        probe = torch.randn(invariance.TILE_CANDIDATES[-1] + 3, w.shape[1], generator=gen)
+        probe = probe.to(w.dtype)
+        fused = matmul(probe, w.t(), "linear")
         parts, start = [], 0
         for size in splits:
-            parts.append(_tiled_mm(probe, w[start:start + size].t(),
-                                   linear_tiles(w[start:start + size].t())))
+            parts.append(matmul(probe, w[start:start + size].t(), "linear"))
             start += size
         _split_cache[key] = not torch.equal(fused, torch.cat(parts, dim=-1))
     return _split_cache[key]
@@ -121,15 +182,15 @@ def needs_splits(w: torch.Tensor, splits: tuple[int, ...]) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            splits: tuple[int, ...] | None = None) -> torch.Tensor:
     """F.linear, batch invariant. `splits` names the parts of a fused weight (q/k/v, gate/up):
-    where BLAS would give a part different bits inside the fused product than alone, the parts
-    are computed one by one, so the fused layer matches the separate projections bitwise."""
+    where the fused product would give a part other bits than the part alone, the parts are
+    computed one by one, so the fused layer matches the separate projections bitwise."""
     x2 = x.reshape(-1, x.shape[-1])
     if splits is None or not needs_splits(w, splits):
-        out = matmul(x2, w.t())
+        out = matmul(x2, w.t(), "linear")
     else:
         parts, start = [], 0
         for size in splits:
-            parts.append(matmul(x2, w[start:start + size].t()))
+            parts.append(matmul(x2, w[start:start + size].t(), "linear"))
             start += size
         out = torch.cat(parts, dim=-1)
     if bias is not None:
@@ -137,8 +198,26 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-
-
+def prepare(linears, row_lengths, head_dim: int, split: int,
+            dtype: torch.dtype) -> list[invariance.Verdict]:
+    """Prove, at engine start, every shape the forward will run (so no proof runs inside a
+    step): the linears [(weight, splits or None)], the row sums of these lengths, and the
+    attention products. Returns their verdicts."""
+    verdicts = []
+    for w, splits in linears:
+        parts = [w]
+        if splits is not None and needs_splits(w, splits):
+            bounds = [0, *torch.tensor(splits).cumsum(0).tolist()]
+            parts = [w[a:b] for a, b in zip(bounds, bounds[1:])]
+        verdicts += [_mm_decided(part.t(), "linear")[1] for part in parts]
+    for n in row_lengths:
+        verdicts.append(_mm_decided(_ones_column(n, torch.float32, torch.device("cpu")),
+                                    "row_sum")[1])
+    verdicts.append(_bmm_decided(head_dim, split, "attention q.k")[1])
+    verdicts.append(_bmm_decided(split, head_dim, "attention p.v")[1])
+    verdicts.append(invariance.record("attention softmax sums", f"S={split}", torch.float32,
+                                      "owned order (pairwise tree)", True))
+    return list(dict.fromkeys(verdicts))
 
 
 # ---------------------------------------------------------------- attention
@@ -146,8 +225,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 # Keys are split into blocks of a fixed size S at absolute positions 0, S, 2S, ... (one KV-cache
 # block is one split) and folded into a running softmax in split order. The cache stores K
 # transposed per block ([blocks, kv_heads, head_dim, S]) and V as [blocks, kv_heads, S, head_dim],
-# so both bmm operands are contiguous tiles: with contiguous operands every row count >= 2 takes
-# the same BLAS path, which makes a query's bits the same in decode, prefill and scoring.
+# so both products are `rows_bmm` calls on contiguous tiles: a query's bits are the same in
+# decode, prefill and scoring, whatever rows share its matmul.
 
 
 def _fold_split(state, scores: torch.Tensor, q_pos: torch.Tensor, split: int, pv):
@@ -176,19 +255,14 @@ def _initial_state(rows_shape, d: int, device):
 def _attend(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, num_splits: int,
             scale: float) -> torch.Tensor:
     """q_rows [B, M, D] float32, q_pos [B, M]; tiles(s) -> (k_t [B, D, S], v [B, S, D])."""
-    pad = q_rows.shape[1] == 1  # one row takes BLAS's gemv path; two rows take the gemm path
-    if pad:
-        q_rows = torch.cat([q_rows, torch.zeros_like(q_rows)], dim=1)
-        q_pos = torch.cat([q_pos, q_pos], dim=1)
     state = _initial_state(q_rows.shape[:2], q_rows.shape[2], q_rows.device)
     for s in range(num_splits):
         k_t, v = tiles(s)
-        scores = torch.bmm(q_rows, k_t.to(torch.float32)) * scale
+        scores = rows_bmm(q_rows, k_t.to(torch.float32), "attention q.k") * scale
         state = _fold_split(state, scores, q_pos, s,
-                            lambda p: torch.bmm(p, v.to(torch.float32)))
+                            lambda p: rows_bmm(p, v.to(torch.float32), "attention p.v"))
     _, l, acc = state
-    out = acc / l.unsqueeze(-1)
-    return out[:, :1] if pad else out
+    return acc / l.unsqueeze(-1)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -249,35 +323,31 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     counts the keys, the query's own included. Returns [N, H, D] in q's dtype.
 
     Each split reads every block once: the query rows of all sequences sharing the block are
-    stacked into one matmul (any row count >= 2 takes the same BLAS path, so a row's bits do
-    not depend on how many sequences share its block)."""
+    stacked into one `rows_bmm` (a row's bits do not depend on how many sequences share it)."""
     n, h, d = q.shape
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
-    group = h // kv_heads
-    q4 = q.to(torch.float32).reshape(n, kv_heads, group, d)
-    if group == 1:  # one row would take BLAS's gemv path: add a zero row
-        q4 = torch.cat([q4, torch.zeros_like(q4)], dim=2)
-    rows = q4.shape[2]
+    rows = h // kv_heads
+    q4 = q.to(torch.float32).reshape(n, kv_heads, rows, d)
     q_pos = (context_lens - 1).view(n, 1, 1).expand(n, kv_heads, rows)
     state = _initial_state((n, kv_heads, rows), d, q.device)
     for s, groups in enumerate(_decode_plan(block_tables, context_lens, size)):
         scores = torch.full((n, kv_heads, rows, size), float("-inf"), device=q.device)
         for blocks, seqs, c in groups:
             k_t = k_cache.index_select(0, blocks).reshape(-1, d, size).to(torch.float32)
-            part = torch.bmm(_grouped(q4, seqs, c), k_t) * scale
+            part = rows_bmm(_grouped(q4, seqs, c), k_t, "attention q.k") * scale
             scores[seqs] = _ungrouped(part, c, kv_heads, rows)
 
         def pv(p, groups=groups):
             out = torch.zeros(n, kv_heads, rows, d, device=q.device)
             for blocks, seqs, c in groups:
                 v = v_cache.index_select(0, blocks).reshape(-1, size, d).to(torch.float32)
-                out[seqs] = _ungrouped(torch.bmm(_grouped(p, seqs, c), v), c, kv_heads, rows)
+                out[seqs] = _ungrouped(rows_bmm(_grouped(p, seqs, c), v, "attention p.v"),
+                                       c, kv_heads, rows)
             return out
 
         state = _fold_split(state, scores, q_pos, s, pv)
     _, l, acc = state
-    out = (acc / l.unsqueeze(-1))[:, :, :group]
-    return out.reshape(n, h, d).to(q.dtype)
+    return (acc / l.unsqueeze(-1)).reshape(n, h, d).to(q.dtype)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

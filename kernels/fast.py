@@ -11,7 +11,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from kernels import composite
+from kernels import composite, invariance
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -33,3 +33,16 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(x.to(torch.float32), dim=-1)
+
+
+def prepare(invariant, linears, row_lengths, head_dim: int, split: int,
+            dtype: torch.dtype) -> list[invariance.Verdict]:
+    """What runs: vendor linears and reductions (no guarantee), and the invariant backend's
+    attention, prepared by it."""
+    verdicts = [invariance.record("linear", f"K={w.shape[1]} N={w.shape[0]}", dtype,
+                                  "vendor BLAS (deterministic=False): batch dependent", False)
+                for w, _ in linears]
+    verdicts += [invariance.record("row_sum", f"n={n}", torch.float32,
+                                   "torch reduction (deterministic=False): batch dependent",
+                                   False) for n in row_lengths]
+    return list(dict.fromkeys(verdicts + invariant.prepare([], [], head_dim, split, dtype)))

@@ -3,8 +3,6 @@ ratios next to absolute numbers, with the machine it ran on."""
 
 import gc
 import json
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -17,18 +15,6 @@ import torch
 
 from rollout.engine import Engine
 from rollout.sampling_params import SamplingParams
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads{gpu}")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from rollout import bench
+    from rollout.determinism import machine
     from rollout.presets import DEFAULT_PRESET
     suites = args.suites or list(bench.SUITES)
     unknown = [s for s in suites if s not in bench.SUITES]
@@ -56,7 +57,7 @@ def cmd_bench(args) -> int:
               file=sys.stderr)
         return 2
     workload = bench.Workload(args.num_prompts, args.n, args.prompt_len, args.max_tokens)
-    print(f"machine: {bench.machine()}")
+    print(f"machine: {machine()}")
     print(f"model: {args.model or 'built-in preset ' + DEFAULT_PRESET}")
     for name in suites:
         for line in bench.SUITES[name](args.model, workload, **_engine_kwargs(args)):

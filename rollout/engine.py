@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import secrets
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from rollout.block_manager import BlockManager
 from rollout.config import EngineConfig, ModelConfig
+from rollout.determinism import DeterminismReport, blas, machine
 from rollout.model_runner import ModelRunner
 from rollout.outputs import CompletionOutput, RequestOutput
 from rollout.sampling_params import SamplingParams
@@ -88,6 +90,10 @@ class Engine:
                              f"max_position_embeddings ({limit})")
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.runner = ModelRunner(self.config, self.model_config, self.max_model_len)
+        report = self.determinism_report()
+        if self.config.deterministic and not report.guaranteed:
+            warnings.warn("this engine cannot guarantee batch invariance on this machine:\n"
+                          + report.format(), RuntimeWarning, stacklevel=2)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
@@ -104,6 +110,13 @@ class Engine:
         self._paused = False
         self._receiver = None
         self._groups: dict = {}
+
+    def determinism_report(self) -> DeterminismReport:
+        """Per op and shape: what runs, and whether batch invariance is guaranteed here."""
+        c = self.config
+        return DeterminismReport(machine(), blas(), c.device, str(self.runner.dtype)[6:],
+                                 c.deterministic, c.kernel_backend, c.block_size,
+                                 self.runner.kernel_verdicts)
 
     @property
     def weight_version(self) -> int:

@@ -43,6 +43,7 @@ class ModelRunner:
         self.weights = WeightStore(self.model.weight_targets(),
                                    model_config.tie_word_embeddings)
         self.weights.load_checkpoint(config.model)
+        self.kernel_verdicts = tuple(self.model.prepare_kernels(self.block_size, self.dtype))
         self.sampler = Sampler(self.ops.softmax_parts)
         self.num_blocks = self._num_blocks(max_model_len)
         self.k_cache = self.v_cache = None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.composite import tree_sum
 from rollout.scheduler import Sample
 
 _MASK64 = (1 << 64) - 1
@@ -106,7 +107,7 @@ def _draw(weights: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     blocks = -(-vocab // _CDF_BLOCK)
     padded = torch.nn.functional.pad(weights, (0, blocks * _CDF_BLOCK - vocab))
     padded = padded.view(rows, blocks, _CDF_BLOCK)
-    block_mass = padded.sum(-1)
+    block_mass = tree_sum(padded)
     block_cdf = torch.cumsum(block_mass, dim=-1)
     u = torch.tensor([uniform(s.seed, s.position) for s in specs], device=weights.device,
                      dtype=torch.float32)

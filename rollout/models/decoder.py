@@ -115,6 +115,14 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(hidden, self.lm_head_weight)
 
+    def prepare_kernels(self, split: int, dtype: torch.dtype) -> list:
+        """Let the kernels decide (and prove) every shape the forward runs; their verdicts."""
+        cfg = self.cfg
+        linears = [(m.weight, m.splits) for m in self.modules() if isinstance(m, Linear)]
+        lengths = [cfg.hidden_size, cfg.vocab_size] + ([cfg.head_dim] if cfg.qk_norm else [])
+        return self.ops.prepare(linears + [(self.lm_head_weight, None)], lengths,
+                                cfg.head_dim, split, dtype)
+
     def weight_targets(self) -> dict[str, WeightTarget]:
         """Every checkpoint tensor name this model takes, and the rows it lands in."""
         targets: dict[str, WeightTarget] = {}
