@@ -12,9 +12,10 @@ used each candidate T is run on the real operand:
   otherwise zero tile (what a lone request runs);
 - for batched calls, every batch count of `BATCH_COUNTS` against the largest one.
 
-Tiles that pass and give the probe row the same bits form a class; the plan is the class with the
-largest tile, so any row count is covered by tiles of one class. Where no tile passes, the op
-runs an implementation that owns its reduction order (exact, slower) and the report says so.
+Tiles that pass and give each of `SIGNATURE_ROWS` probe rows the same bits form a class; the
+plan is the class with the largest tile, so any row count is covered by tiles of one class.
+Where no tile passes, the op runs an implementation that owns its reduction order (exact,
+slower) and the report says so.
 """
 
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import torch
 TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_BATCH = 256
 BATCH_COUNTS = (1, 2, 3, 4, 5, 7, 8, 16, 31, 64, 255, MAX_BATCH)
+SIGNATURE_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -72,40 +74,51 @@ Run = Callable[[torch.Tensor, slice], torch.Tensor]
 _verdicts: dict[tuple, Verdict] = {}
 
 
-def _class_of(run: Run, a: torch.Tensor, batch_counts: tuple[int, ...]) -> bytes | None:
-    """The bits of row a[0, 0] computed alone, if every check of this tile holds; else None."""
+def _tile_holds(run: Run, a: torch.Tensor, batch_counts: tuple[int, ...]) -> bool:
+    """Every check of the module docstring, for the tile size of a [B, T, K]."""
     b, t = a.shape[:2]
     full = run(a, slice(0, b))
     shifted = torch.empty(b, t + 1, a.shape[2], dtype=a.dtype)[:, 1:]
     shifted.copy_(a.roll(1, dims=1))
     rolled = run(shifted, slice(0, b))
     if not (torch.equal(rolled[:, 1:], full[:, :-1]) and torch.equal(rolled[:, 0], full[:, -1])):
-        return None
+        return False
     alone = torch.zeros_like(a[:1])
     alone[0, 0] = a[0, 0]
-    ref = run(alone, slice(0, 1))[0, 0]
-    if not torch.equal(ref, full[0, 0]):
-        return None
+    if not torch.equal(run(alone, slice(0, 1))[0, 0], full[0, 0]):
+        return False
     if b > 1 and not torch.equal(run(a[-1:].clone(), slice(b - 1, b)), full[-1:]):
-        return None
-    for count in batch_counts:
-        if count < b and not torch.equal(run(a[:count].clone(), slice(0, count)), full[:count]):
-            return None
-    return ref.float().numpy().tobytes()
+        return False
+    return all(torch.equal(run(a[:count].clone(), slice(0, count)), full[:count])
+               for count in batch_counts if count < b)
+
+
+def _signature(run: Run, rows: torch.Tensor, t: int) -> bytes:
+    """The bits of `rows` [R, K] (batch entry 0) computed in tiles of t. Tiles giving the same
+    bits form a class; many rows, so that two reduction orders which happen to agree on one row
+    are still told apart."""
+    outs = []
+    for start in range(0, rows.shape[0], t):
+        chunk = rows[start:start + t]
+        tile = torch.zeros(1, t, rows.shape[1], dtype=rows.dtype)
+        tile[0, :len(chunk)] = chunk
+        outs.append(run(tile, slice(0, 1))[0, :len(chunk)])
+    return torch.cat(outs).float().numpy().tobytes()
 
 
 def prove_tiles(run: Run, k: int, dtype: torch.dtype, batch: int = 1,
-                candidates: tuple[int, ...] = TILE_CANDIDATES) -> Plan:
+                candidates: tuple[int, ...] | None = None) -> Plan:
     """The class of row tiles proven invariant for `run` (see the module docstring), the class
     holding the largest passing tile; an empty plan when no candidate passes."""
+    candidates = candidates or TILE_CANDIDATES
     gen = torch.Generator().manual_seed(0)
     counts = BATCH_COUNTS if batch > 1 else ()
     probe = torch.randn(batch, max(candidates), k, generator=gen).to(dtype)
+    rows = torch.randn(SIGNATURE_ROWS, k, generator=gen).to(dtype)
     classes: dict[bytes, list[int]] = {}
     for t in candidates:
-        key = _class_of(run, probe[:, :t].contiguous(), counts)
-        if key is not None:
-            classes.setdefault(key, []).append(t)
+        if _tile_holds(run, probe[:, :t].contiguous(), counts):
+            classes.setdefault(_signature(run, rows, t), []).append(t)
     if not classes:
         return Plan(())
     return Plan(tuple(max(classes.values(), key=lambda ts: (max(ts), len(ts)))))

@@ -1,4 +1,4 @@
-"""`rollout generate | bench` (and `serve`, in integrations/)."""
+"""`rollout generate | bench | doctor` (and `serve`, in integrations/)."""
 
 import argparse
 import gc
@@ -66,6 +66,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
+OPTIONAL_PACKAGES = ("triton", "fastapi", "uvicorn", "ray", "verl", "vllm", "openai",
+                     "torch_memory_saver")
+
+
+def _versions(names) -> list[str]:
+    from importlib import metadata
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{name} (not installed)")
+    return out
+
+
+def cmd_doctor(args) -> int:
+    """The environment, and per op and shape what the engine runs and whether batch invariance
+    is guaranteed on this machine. Exit status 1 when it is not."""
+    import platform
+
+    import torch
+
+    from rollout import Engine
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    print("packages: " + ", ".join(_versions(OPTIONAL_PACKAGES)))
+    kwargs = _engine_kwargs(args)
+    kwargs.setdefault("num_kv_blocks", 16)
+    engine = Engine(args.model, deterministic=not args.fast, **kwargs)
+    report = engine.determinism_report()
+    print(f"model: {args.model or 'built-in preset'}")
+    print(report.format())
+    return 0 if report.guaranteed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rollout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--prompt-len", type=int, default=128)
     bench.add_argument("--max-tokens", type=int, default=32)
     bench.set_defaults(func=cmd_bench)
+
+    doctor = sub.add_parser("doctor", help="what runs on this machine, and whether batch "
+                                           "invariance is guaranteed")
+    _engine_args(doctor)
+    doctor.add_argument("--fast", action="store_true",
+                        help="report on deterministic=False (vendor kernels) instead")
+    doctor.set_defaults(func=cmd_doctor)
 
     args = parser.parse_args(argv)
     try:
