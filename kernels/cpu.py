@@ -94,7 +94,7 @@ def _bmm_decided(k: int, n: int, op: str) -> tuple[Plan, invariance.Verdict]:
         return invariance.prove_tiles(lambda a, batch: blas_bmm(a.contiguous(), operand[batch]),
                                       k, torch.float32, batch=invariance.MAX_BATCH)
 
-    return _decided(("bmm", k, n, torch.get_num_threads()), prove, op,
+    return _decided(("bmm", op, k, n, torch.get_num_threads()), prove, op,
                     f"{_shape_label(k, n)} batch<={invariance.MAX_BATCH}", torch.float32)
 
 

@@ -33,3 +33,13 @@ def test_generate_reports_bad_input_without_a_traceback(qwen3_path):
     assert done.returncode == 2
     assert "top_p must be in (0, 1], got 2.0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_doctor_prints_what_runs_and_whether_invariance_is_guaranteed(qwen3_path):
+    done = run_cli("doctor", "--model", str(qwen3_path))
+    assert done.returncode == 0, done.stderr
+    for op in ("linear", "row_sum", "attention q.k", "attention p.v"):
+        assert f"\n{op} " in done.stdout
+    assert "batch invariance: GUARANTEED on this machine" in done.stdout
+    fast = run_cli("doctor", "--model", str(qwen3_path), "--fast")
+    assert fast.returncode == 1 and "NOT GUARANTEED (deterministic=False)" in fast.stdout

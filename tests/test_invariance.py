@@ -1,0 +1,117 @@
+"""The proofs behind batch invariance: which BLAS row tiles an op may use is measured on this
+machine, a BLAS whose row bits depend on the row's position is caught, and the op then falls back
+to an order of our own that keeps every output bitwise invariant."""
+
+import random
+
+import pytest
+import torch
+import transformers
+
+import kernels
+from kernels import cpu, invariance
+from rollout import Engine, SamplingParams
+from tests.test_trainer_parity import right_padded
+
+
+def reversed_on_odd_rows(product):
+    """A vendor BLAS as it could be: rows at odd positions of a call are summed in the reverse
+    order of k, so their bits depend on where they sit in the call."""
+    def bad(a, b, *out):
+        res = product(a, b)
+        if a.shape[-2] > 1:
+            res[..., 1::2, :] = product(a[..., 1::2, :].flip(-1).contiguous(),
+                                        b.flip(-2).contiguous())
+        if out:
+            out[0].copy_(res)
+        return res
+    return bad
+
+
+@pytest.fixture
+def fresh_plans():
+    cpu.reset()
+    yield
+    cpu.reset()
+
+
+def test_every_row_of_a_proven_tile_has_the_bits_it_has_alone(fresh_plans):
+    """Literal check of the chosen class on real BLAS: every position of every tile, against
+    the same row alone in an otherwise zero tile of the smallest size."""
+    gen = torch.Generator().manual_seed(5)
+    for k, n in ((80, 240), (384, 1), (96, 176)):
+        w_t = torch.randn(n, k, generator=gen).t()
+        plan = cpu.mm_plan(w_t)
+        assert plan.blas, f"no BLAS tile proved invariant for K={k} N={n} on this machine"
+        rows = torch.randn(max(plan.tiles), k, generator=gen)
+
+        def alone(row):
+            tile = torch.zeros(plan.tiles[0], k)
+            tile[0] = row
+            return torch.mm(tile, w_t)[0]
+
+        expected = torch.stack([alone(r) for r in rows])
+        for t in plan.tiles:
+            for shift in range(t):
+                got = torch.mm(rows[:t].roll(shift, 0), w_t).roll(-shift, 0)
+                assert torch.equal(got, expected[:t]), (k, n, t, shift)
+
+
+def test_the_prover_rejects_tiles_whose_rows_depend_on_their_position(fresh_plans):
+    w_t = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    bad = reversed_on_odd_rows(torch.mm)
+
+    def run(a, _batch):
+        return bad(a[0], w_t).unsqueeze(0)
+
+    assert invariance.prove_tiles(run, 64, torch.float32, candidates=(2, 4, 8, 16)).tiles == ()
+    assert invariance.prove_tiles(run, 64, torch.float32).tiles == (1,)  # one row: no odd rows
+
+    def good(a, _batch):
+        return torch.mm(a[0], w_t).unsqueeze(0)
+
+    assert 16 in invariance.prove_tiles(good, 64, torch.float32).tiles
+
+
+def test_a_failed_proof_falls_back_to_our_own_order_and_stays_bitwise(
+        qwen3_path, monkeypatch, fresh_plans):
+    monkeypatch.setattr(cpu, "blas_mm", reversed_on_odd_rows(torch.mm))
+    monkeypatch.setattr(cpu, "blas_bmm", reversed_on_odd_rows(torch.bmm))
+    monkeypatch.setattr(invariance, "TILE_CANDIDATES", (4, 8, 16))
+    engine = Engine(str(qwen3_path), block_size=kernels.DEFAULT_SPLIT_SIZE, num_kv_blocks=64)
+    report = engine.determinism_report()
+    blas_ops = [v for v in report.verdicts if v.op in ("linear", "row_sum") or "." in v.op]
+    assert blas_ops and all(v.method.startswith("owned reduction order") for v in blas_ops)
+    assert report.guaranteed and "GUARANTEED" in report.format()
+
+    target = [(i * 37 + 11) % 512 for i in range(40)]
+    params = SamplingParams(temperature=1.0, seed=9, max_tokens=8, ignore_eos=True)
+    rng = random.Random(0)
+    seen = set()
+    for bs in (1, 2, 5, 9):
+        others = [[rng.randrange(512) for _ in range(rng.choice([3, 20, 50]))]
+                  for _ in range(bs - 1)]
+        out = engine.generate([*others, target], params, use_tqdm=False)[-1].outputs[0]
+        seen.add((tuple(out.token_ids), torch.tensor(out.logprobs).numpy().tobytes()))
+    assert len(seen) == 1
+    tokens, logprob_bytes = seen.pop()
+    score = engine.score([target + list(tokens)], len(target), temperature=1.0)[0]
+    assert torch.tensor(score).numpy().tobytes() == logprob_bytes
+
+    model = transformers.Qwen3ForCausalLM.from_pretrained(
+        qwen3_path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION)
+    ids, mask = right_padded([target + list(tokens), target[:7]])
+    with kernels.batch_invariant_mode(), torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
+    rows = logprobs[0, len(target) - 1:len(target) - 1 + len(tokens)]
+    trainer = rows.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+    assert trainer.numpy().tobytes() == logprob_bytes
+
+
+def test_the_report_names_every_op_the_forward_runs(qwen3_path):
+    report = Engine(str(qwen3_path), num_kv_blocks=16).determinism_report()
+    ops = {v.op for v in report.verdicts}
+    assert {"linear", "row_sum", "attention q.k", "attention p.v"} <= ops
+    assert report.guaranteed
+    fast = Engine(str(qwen3_path), num_kv_blocks=16, deterministic=False).determinism_report()
+    assert not fast.guaranteed and "NOT GUARANTEED (deterministic=False)" in fast.format()
