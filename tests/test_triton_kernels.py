@@ -1,5 +1,9 @@
-"""Each Triton kernel, under TRITON_INTERPRET=1 on the CPU (natively on CUDA when present):
-close to the CPU op and batch invariant itself."""
+"""Each Triton kernel, under TRITON_INTERPRET=1 on the CPU (natively on CUDA when present).
+
+The interpreter computes `tl.dot` and `tl.sum` with numpy, so on the CPU these tests assert only
+what it can show: results close to the CPU ops, and that every launch uses the same tile shapes
+whatever the batch. Bitwise batch invariance of the kernels is asserted where they really run,
+on CUDA."""
 
 import pytest
 import torch
@@ -8,6 +12,41 @@ from kernels import cpu
 
 triton_ops = pytest.importorskip("kernels.triton_ops")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+
+class LaunchRecorder:
+    """Stands in front of a Triton kernel and records the compile-time (tile) arguments of every
+    launch, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.tiles = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tiles.append({k: v for k, v in kwargs.items() if k.isupper()})
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def same_or_close(a, b, atol):
+    """Bitwise on CUDA; close under the interpreter."""
+    return torch.equal(a, b) if ON_GPU else torch.allclose(a, b, atol=atol)
+
+
+def test_tile_shapes_never_depend_on_the_batch(monkeypatch):
+    recorders = {name: LaunchRecorder(getattr(triton_ops, name))
+                 for name in ("_gemm_kernel", "_row_sum_kernel", "_paged_attention_kernel")}
+    for name, rec in recorders.items():
+        monkeypatch.setattr(triton_ops, name, rec)
+    for rows in (1, 3, 70):
+        x = rand(rows, 96)
+        triton_ops.linear(x, rand(40, 96, seed=1))
+        triton_ops.log_softmax(x)
+        triton_ops.causal_attention(rand(rows, 4, 32), rand(rows, 2, 32, seed=1),
+                                    rand(rows, 2, 32, seed=2), 0.2, 16)
+    for name, rec in recorders.items():
+        assert len(rec.tiles) >= 3 and all(t == rec.tiles[0] for t in rec.tiles), name
 
 
 def rand(*shape, seed=0):
@@ -21,13 +60,13 @@ def test_matmul_close_and_row_invariant():
     assert torch.allclose(full.cpu(), ref, atol=1e-4)
     for rows in ((0, 1), (3, 4), (30, 67), (69, 70)):
         part = triton_ops.linear(x[rows[0]:rows[1]], w, bias=rand(40, seed=2))
-        assert torch.equal(part, full[rows[0]:rows[1]])
+        assert same_or_close(part, full[rows[0]:rows[1]], 1e-5)
 
 
 def test_matmul_columns_do_not_depend_on_the_other_columns():
     x, w = rand(20, 64), rand(96, 64, seed=3)
     fused = triton_ops.linear(x, w)
-    assert torch.equal(triton_ops.linear(x, w[32:80]), fused[:, 32:80])
+    assert same_or_close(triton_ops.linear(x, w[32:80]), fused[:, 32:80], 1e-5)
 
 
 def test_row_reductions_close_and_invariant():
@@ -38,8 +77,9 @@ def test_row_reductions_close_and_invariant():
     logp = triton_ops.log_softmax(x)
     assert torch.allclose(logp.cpu(), torch.log_softmax(x.cpu(), -1), atol=1e-5)
     for i in (0, 4, 8):
-        assert torch.equal(triton_ops.rms_norm(x[i:i + 1], rand(1500, seed=4), 1e-6)[0], norm[i])
-        assert torch.equal(triton_ops.log_softmax(x[i:i + 1])[0], logp[i])
+        assert same_or_close(triton_ops.rms_norm(x[i:i + 1], rand(1500, seed=4), 1e-6)[0],
+                             norm[i], 1e-6)
+        assert same_or_close(triton_ops.log_softmax(x[i:i + 1])[0], logp[i], 1e-6)
 
 
 def test_paged_attention_close_to_cpu_and_same_in_decode_prefill_and_scoring():
@@ -56,16 +96,17 @@ def test_paged_attention_close_to_cpu_and_same_in_decode_prefill_and_scoring():
     triton_ops.store_kv(k, v, k_cache, v_cache, blocks[pos // split] * split + pos % split)
     chunks = [triton_ops.prefill_attention(q[a:b], k_cache, v_cache, blocks, pos[a:b], 0.2)
               for a, b in ((0, 16), (16, 32), (32, length))]
-    assert torch.equal(torch.cat(chunks), dense)
+    assert same_or_close(torch.cat(chunks), dense, 1e-6)
     other = torch.tensor([1, 3, 0], device=DEVICE)
     decode = triton_ops.decode_attention(torch.stack([q[20], q[36], q[3]]), k_cache, v_cache,
                                          torch.stack([blocks, other, blocks]),
                                          torch.tensor([21, 40, 4], device=DEVICE), 0.2)
-    assert torch.equal(decode[0], dense[20]) and torch.equal(decode[2], dense[3])
+    assert same_or_close(decode[0], dense[20], 1e-6) and same_or_close(decode[2], dense[3], 1e-6)
 
 
-def test_engine_and_trainer_agree_bitwise_on_the_triton_kernels(qwen3_path):
-    """The whole GPU path (engine forward, sampling, scoring, trainer mode) on Triton kernels."""
+def test_engine_and_trainer_agree_on_the_triton_kernels(qwen3_path):
+    """The whole GPU path (engine forward, sampling, scoring, trainer mode) on Triton kernels:
+    bitwise on CUDA, close under the interpreter."""
     import transformers
 
     import kernels
@@ -78,7 +119,7 @@ def test_engine_and_trainer_agree_bitwise_on_the_triton_kernels(qwen3_path):
     sequences = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
     scores = engine.score(sequences, [len(p) for p in prompts])
     for score, out in zip(scores, outs):
-        assert torch.equal(torch.tensor(score), torch.tensor(out.outputs[0].logprobs))
+        assert same_or_close(torch.tensor(score), torch.tensor(out.outputs[0].logprobs), 1e-5)
 
     model = transformers.Qwen3ForCausalLM.from_pretrained(
         qwen3_path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION).to(DEVICE)
@@ -92,4 +133,4 @@ def test_engine_and_trainer_agree_bitwise_on_the_triton_kernels(qwen3_path):
         response = torch.tensor(out.outputs[0].token_ids, device=DEVICE)
         rows = logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(response)]
         trainer = rows.gather(1, response.unsqueeze(1)).squeeze(1).cpu()
-        assert torch.equal(trainer, torch.tensor(out.outputs[0].logprobs))
+        assert same_or_close(trainer, torch.tensor(out.outputs[0].logprobs), 1e-5)
