@@ -1,0 +1,372 @@
+"""Several engines behind one object, placed by a Ray placement group (on one node or across
+nodes).
+
+Routing: all `n` samples of a prompt go to one engine (they share its prefix cache); otherwise
+the engine with the fewest samples in flight, lowest index first; a `session_id` keeps a
+conversation on one engine. An engine that dies (Ray's actor errors, or a health check whose
+one-token generation times out) stops taking work, and its unfinished requests run again on a
+healthy engine: determinism makes the result identical. With no engine left, the request fails
+with an error naming the dead engines. `replace(i)` starts a new engine that takes no work until
+it holds the group's weights (copied from a healthy engine over ZMQ, checksums compared).
+
+The group's bookkeeping lives on one asyncio loop in a background thread; the synchronous
+methods submit to it and wait, `generate_async` awaits it from the caller's loop.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from integrations.ray.actor import RolloutActor
+from rollout import RequestOutput, SamplingParams
+from weight_sync import DEFAULT_BUCKET_BYTES
+
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class NoEngineLeftError(RuntimeError):
+    """Every engine of the group is dead or not yet ready; the message names them."""
+
+
+@dataclass
+class EngineSlot:
+    index: int
+    actor: ActorHandle | None = None
+    ready: bool = False  # alive and holding the group's weights: takes work
+    in_flight: int = 0  # samples sent and not yet returned
+    error: str | None = None  # why it was taken out of service
+
+    def describe(self) -> str:
+        state = "ready" if self.ready else self.error or "starting"
+        return f"engine {self.index} ({state})"
+
+
+class RolloutGroup:
+    """`num_engines` engines of `model`, placed "PACK" (fill a node first) or "SPREAD" (one
+    per node where possible). `engine_options` are `Engine` keyword arguments.
+
+    auto_replace: replace an engine as soon as it is found dead.
+    health_check_interval_s: probe every engine this often (None: only on `check_health()`).
+    """
+
+    def __init__(self, model: str | None, num_engines: int = 1, placement: str = "PACK", *,
+                 num_cpus_per_engine: float = 1, num_gpus_per_engine: float = 0,
+                 torch_threads: int = 1, auto_replace: bool = False,
+                 health_check_interval_s: float | None = None,
+                 health_timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
+                 **engine_options):
+        if num_engines < 1:
+            raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
+        self.model, self.engine_options = model, engine_options
+        self.torch_threads, self.auto_replace = torch_threads, auto_replace
+        self.health_timeout_s = health_timeout_s
+        self.resources = {"CPU": num_cpus_per_engine, "GPU": num_gpus_per_engine}
+        self.placement_group = placement_group([self.resources] * num_engines, placement)
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=startup_timeout_s)
+        if not ready:
+            remove_placement_group(self.placement_group)
+            raise TimeoutError(f"Ray could not place {num_engines} engines of {self.resources} "
+                               f"with {placement} in {startup_timeout_s:g} s; cluster resources: "
+                               f"{ray.cluster_resources()}")
+        self.slots = [EngineSlot(i, self._start(i)) for i in range(num_engines)]
+        self._sessions: dict[str, int] = {}
+        self._paused = False
+        self._released: set[str] = set()
+        self._updated = False  # weights changed since the checkpoint: replacements copy them
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="rollout-group", daemon=True).start()
+        try:
+            ray.get([s.actor.weight_version.remote() for s in self.slots],
+                    timeout=startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        for slot in self.slots:
+            slot.ready = True
+        if health_check_interval_s is not None:
+            self._submit(self._watch(health_check_interval_s))
+
+    def _start(self, index: int) -> ActorHandle:
+        strategy = PlacementGroupSchedulingStrategy(self.placement_group,
+                                                    placement_group_bundle_index=index)
+        return RolloutActor.options(
+            num_cpus=self.resources["CPU"], num_gpus=self.resources["GPU"],
+            scheduling_strategy=strategy,
+        ).remote(self.model, torch_threads=self.torch_threads, **self.engine_options)
+
+    # ---------------------------------------------------------------- the loop
+
+    def _submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _wait(self, coro: Coroutine):
+        return self._submit(coro).result()
+
+    @property
+    def engines(self) -> list[ActorHandle]:
+        """Handles of the engines that take work now."""
+        return [s.actor for s in self.slots if s.ready]
+
+    @property
+    def size(self) -> int:
+        return sum(s.ready for s in self.slots)
+
+    def _ready_slots(self) -> list[EngineSlot]:
+        ready = [s for s in self.slots if s.ready]
+        if not ready:
+            raise NoEngineLeftError("no engine of the group can take work: "
+                                    + "; ".join(s.describe() for s in self.slots))
+        return ready
+
+    def _lost(self, slot: EngineSlot, error: BaseException) -> None:
+        """Take a failed engine out of service for good (killed, in case it only hung)."""
+        if not slot.ready:
+            return
+        slot.ready = False
+        slot.error = f"died: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        ray.kill(slot.actor, no_restart=True)
+        log.warning("rollout group: %s; its requests go to the other engines", slot.describe())
+        if self.auto_replace and any(s.ready for s in self.slots):
+            self._loop.create_task(self._auto_replace(slot.index))
+
+    async def _auto_replace(self, index: int) -> None:
+        try:
+            await self._replace(index)
+        except Exception as e:
+            log.error("rollout group: replacing engine %d failed: %s", index, e)
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 session_ids: Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """What `Engine.generate` returns, in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            sampling_params = [sampling_params] * len(prompts)
+        sessions = [None] * len(prompts) if session_ids is None else list(session_ids)
+        for what, values in (("sampling params", sampling_params), ("session ids", sessions)):
+            if len(values) != len(prompts):
+                raise ValueError(f"got {len(values)} {what} for {len(prompts)} prompts; pass "
+                                 "one per prompt")
+        return self._wait(self._gather(prompts, list(sampling_params), sessions))
+
+    async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                             session_id: str | None = None) -> RequestOutput:
+        """One request from asyncio (a server's handler)."""
+        return await asyncio.wrap_future(self._submit(
+            self._request(prompt, sampling_params, session_id)))
+
+    async def _gather(self, prompts, params, sessions) -> list[RequestOutput]:
+        return await asyncio.gather(*(self._request(p, sp, sid)
+                                      for p, sp, sid in zip(prompts, params, sessions)))
+
+    def _pick(self, session_id: str | None) -> EngineSlot:
+        ready = self._ready_slots()
+        if session_id is not None:
+            index = self._sessions.get(session_id)
+            if index is not None and self.slots[index].ready:
+                return self.slots[index]
+        slot = min(ready, key=lambda s: (s.in_flight, s.index))
+        if session_id is not None:
+            self._sessions[session_id] = slot.index
+        return slot
+
+    async def _request(self, prompt: Prompt, params: SamplingParams | None,
+                       session_id: str | None) -> RequestOutput:
+        samples = params.n if params is not None else 1
+        while True:
+            slot = self._pick(session_id)
+            slot.in_flight += samples
+            try:
+                return await slot.actor.generate_one.remote(prompt, params)
+            except RayActorError as e:
+                self._lost(slot, e)
+            finally:
+                slot.in_flight -= samples
+
+    # ---------------------------------------------------------------- every engine at once
+
+    async def _each(self, call: Callable[[int, ActorHandle], ray.ObjectRef]) -> list:
+        """`call(position, actor)` on every ready engine; results in engine order. An engine
+        that dies meanwhile is taken out of service and its error raised."""
+        slots = self._ready_slots()
+        results = await asyncio.gather(*(call(k, s.actor) for k, s in enumerate(slots)),
+                                       return_exceptions=True)
+        for slot, result in zip(slots, results):
+            if isinstance(result, RayActorError):
+                self._lost(slot, result)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        return results
+
+    def _on_all(self, method: str, *args, **kwargs) -> list:
+        return self._wait(self._each(lambda k, a: getattr(a, method).remote(*args, **kwargs)))
+
+    # ---------------------------------------------------------------- weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       version: int | None = None) -> list[int]:
+        """In-process update of every engine: the tensors go to Ray's object store once."""
+        ref = ray.put([(name, t.detach().cpu()) for name, t in named_tensors])
+        self._updated = True
+        return self._on_all("update_weights", ref, version)
+
+    def update_weights_from_disk(self, path: str, version: int | None = None) -> list[int]:
+        """Every engine loads the safetensors directory at `path` (visible on every node)."""
+        self._updated = True
+        return self._on_all("update_weights_from_disk", path, version)
+
+    def start_weight_receivers(self, timeout_s: float = 60.0) -> list[str]:
+        """One ZMQ receiver per engine; the trainer sends to each with a
+        `weight_sync.ZmqWeightSender`."""
+        self._updated = True
+        return self._on_all("start_weight_receiver", None, timeout_s)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, group_name: str,
+                                  backend: str | None = None, timeout_s: float = 300.0,
+                                  wait: bool = True) -> concurrent.futures.Future | None:
+        """Every engine joins one collective group with the trainer: trainer rank 0, engine i
+        at rank i + 1, world size engines + 1. Blocks until the trainer joined too; with
+        wait=False returns a future (for a trainer in this same process)."""
+        world_size = self.size + 1
+        future = self._submit(self._each(lambda k, a: a.init_weights_update_group.remote(
+            master_address, master_port, k + 1, world_size, group_name, backend, timeout_s)))
+        if not wait:
+            return future
+        future.result()
+        return None
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
+                                        group_name: str, version: int | None = None,
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                                        wait: bool = True
+                                        ) -> list[int] | concurrent.futures.Future:
+        """Every engine receives the trainer's broadcast (`WeightUpdateGroup.send`)."""
+        self._updated = True
+        future = self._submit(self._each(lambda k, a: a.update_weights_from_distributed.remote(
+            names, dtypes, shapes, group_name, version, bucket_bytes)))
+        return future.result() if wait else future
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self._on_all("destroy_weights_update_group", group_name)
+
+    def weights_checksum(self) -> list[str]:
+        """Every ready engine's checksum, in engine order."""
+        return self._on_all("weights_checksum")
+
+    def weight_versions(self) -> list[int]:
+        return self._on_all("weight_version")
+
+    # ---------------------------------------------------------------- memory and control
+
+    def release_memory(self, tags: Sequence[str] | str | None = None, weights: str = "backup",
+                       pause_mode: str = "retract") -> None:
+        self._on_all("release_memory", tags, weights, pause_mode)
+        self._released |= {tags} if isinstance(tags, str) else set(tags or ("weights",
+                                                                             "kv_cache"))
+
+    def resume_memory(self, tags: Sequence[str] | str | None = None) -> None:
+        self._on_all("resume_memory", tags)
+        self._released -= {tags} if isinstance(tags, str) else set(tags or ("weights",
+                                                                             "kv_cache"))
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        self._on_all("pause_generation", mode)
+        self._paused = True
+
+    def continue_generation(self) -> None:
+        self._on_all("continue_generation")
+        self._paused = False
+
+    def load(self) -> list[dict[str, int]]:
+        """Sequences running and waiting in each ready engine."""
+        return self._on_all("load")
+
+    # ---------------------------------------------------------------- faults
+
+    def check_health(self, timeout_s: float | None = None) -> list[bool]:
+        """Probe every ready engine (a one-token generation; a ping while the group is paused
+        or released). An engine that fails or exceeds `timeout_s` is killed and taken out of
+        service, its requests rerouted. Returns, per slot, whether it is ready afterwards."""
+        return self._wait(self._check_all(timeout_s or self.health_timeout_s))
+
+    async def _check_all(self, timeout_s: float) -> list[bool]:
+        await asyncio.gather(*(self._check(s, timeout_s) for s in self.slots if s.ready))
+        return [s.ready for s in self.slots]
+
+    async def _check(self, slot: EngineSlot, timeout_s: float) -> None:
+        idle = self._paused or self._released
+        probe = slot.actor.load.remote() if idle else slot.actor.health.remote(timeout_s)
+        try:
+            await asyncio.wait_for(probe, timeout_s)
+        except (RayActorError, asyncio.TimeoutError, TimeoutError) as e:
+            self._lost(slot, e)  # killed: its pending calls fail and are rerouted
+
+    async def _watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self._check_all(self.health_timeout_s)
+
+    def replace(self, index: int) -> None:
+        """Start a new engine in slot `index` (the old one is killed if still alive). It takes
+        work once it holds the group's weights: copied from a ready engine, checksums equal."""
+        if not 0 <= index < len(self.slots):
+            raise ValueError(f"engine index {index} is outside the group of {len(self.slots)}")
+        self._wait(self._replace(index))
+
+    async def _replace(self, index: int) -> None:
+        slot = self.slots[index]
+        if slot.actor is not None:
+            ray.kill(slot.actor, no_restart=True)
+        slot.ready, slot.error = False, "being replaced"
+        donors = [s for s in self.slots if s.ready]
+        if not donors and self._updated:
+            slot.error = "replacement needs a ready engine to copy the weights from"
+            raise NoEngineLeftError(f"engine {index} cannot be replaced: no engine of the group "
+                                    "holds its current weights; update the weights of a new "
+                                    "group instead")
+        slot.actor = actor = self._start(index)
+        if donors:
+            address = await actor.start_weight_receiver.remote()
+            await donors[0].actor.send_weights.remote(address)
+            want, got = await asyncio.gather(donors[0].actor.weights_checksum.remote(),
+                                             actor.weights_checksum.remote())
+            if want != got:
+                slot.error = f"weights checksum {got} differs from the group's {want}"
+                raise RuntimeError(f"engine {index}: {slot.error}")
+        if self._paused:
+            await actor.pause_generation.remote("in_place")
+        if self._released:
+            await actor.release_memory.remote(sorted(self._released))
+        slot.ready, slot.error = True, None
+
+    def shutdown(self) -> None:
+        """Kill the engines and free their placement."""
+        for slot in self.slots:
+            if slot.actor is not None:
+                ray.kill(slot.actor, no_restart=True)
+            slot.ready = False
+        remove_placement_group(self.placement_group)
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
