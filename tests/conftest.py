@@ -8,6 +8,9 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run on the CPU through its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Ray clusters that tests start listen on the loopback address only, not the machine's network
+# address (Ray reads this when it is imported; its workers inherit it).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from rollout.presets import make_checkpoint  # noqa: E402
 

@@ -1,5 +1,6 @@
-"""Processes the weight-sync tests start: a trainer that sends (and can die midway) and engine
-ranks of a collective group. Run as `python -m tests.peers ROLE JSON_ARGS`."""
+"""Processes the weight-sync tests start: trainers that send (over ZMQ, and can die midway, or
+as rank 0 of a collective group) and engine ranks of a collective group. Run as
+`python -m tests.peers ROLE JSON_ARGS`."""
 
 import json
 import os
@@ -56,6 +57,16 @@ def engine_rank(path: str, master_port: int, rank: int, world_size: int, manifes
         "version": got, "checksum": engine.weights_checksum(),
         "ptrs_unchanged": ptrs == [p.data_ptr() for p in engine.runner.model.parameters()],
         "outputs": [[o.outputs[0].token_ids, o.outputs[0].logprobs] for o in outs]}), flush=True)
+
+
+def collective_trainer(path: str, seed: int, master_port: int, world_size: int,
+                       bucket_bytes: int) -> None:
+    """Rank 0 of a gloo weight-update group: broadcast the trained model to the engine ranks."""
+    from weight_sync import WeightUpdateGroup, checksum
+    named = list(trained(path, seed).named_parameters())
+    group = WeightUpdateGroup("127.0.0.1", master_port, 0, world_size, "sync", "gloo")
+    group.send(named, bucket_bytes=bucket_bytes)
+    print(json.dumps({"checksum": checksum(named)}), flush=True)
 
 
 if __name__ == "__main__":

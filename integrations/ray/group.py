@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import ray
 import torch
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -48,6 +48,7 @@ class EngineSlot:
     actor: ActorHandle | None = None
     ready: bool = False  # alive and holding the group's weights: takes work
     in_flight: int = 0  # samples sent and not yet returned
+    completed: int = 0  # requests it answered
     error: str | None = None  # why it was taken out of service
 
     def describe(self) -> str:
@@ -139,7 +140,8 @@ class RolloutGroup:
         if not slot.ready:
             return
         slot.ready = False
-        slot.error = f"died: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        first_line = next(iter(str(error).splitlines()), "")[:200]
+        slot.error = f"died: {type(error).__name__}: {first_line}".rstrip(": ")
         ray.kill(slot.actor, no_restart=True)
         log.warning("rollout group: %s; its requests go to the other engines", slot.describe())
         if self.auto_replace and any(s.ready for s in self.slots):
@@ -198,7 +200,9 @@ class RolloutGroup:
             slot = self._pick(session_id)
             slot.in_flight += samples
             try:
-                return await slot.actor.generate_one.remote(prompt, params)
+                output = await slot.actor.generate_one.remote(prompt, params)
+                slot.completed += 1
+                return output
             except RayActorError as e:
                 self._lost(slot, e)
             finally:
@@ -320,8 +324,10 @@ class RolloutGroup:
         probe = slot.actor.load.remote() if idle else slot.actor.health.remote(timeout_s)
         try:
             await asyncio.wait_for(probe, timeout_s)
-        except (RayActorError, asyncio.TimeoutError, TimeoutError) as e:
+        except (RayActorError, TimeoutError) as e:  # TimeoutError: here or in the actor
             self._lost(slot, e)  # killed: its pending calls fail and are rerouted
+        except RayTaskError as e:  # it answered: alive, but refusing work (memory released...)
+            log.info("rollout group: %s answered the health check with %s", slot.describe(), e)
 
     async def _watch(self, interval_s: float) -> None:
         while True:
@@ -368,5 +374,10 @@ class RolloutGroup:
                 ray.kill(slot.actor, no_restart=True)
             slot.ready = False
         remove_placement_group(self.placement_group)
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop.is_running():  # calls still waiting on the group end with CancelledError
+            self._loop.call_soon_threadsafe(self._stop_loop)
+
+    def _stop_loop(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._loop.call_soon(self._loop.stop)

@@ -1,0 +1,198 @@
+"""integrations/ray: engine groups on a local Ray instance of two CPUs (two engines, real actors,
+real trainer processes), faults, and the ray.data batch rollout."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+import ray
+
+import weight_sync
+from integrations.ray import BatchRollout, NoEngineLeftError, RolloutGroup
+from rollout import SamplingParams
+from tests.peers import trained
+from tests.ray_helpers import ENGINE_OPTIONS, comparable, local_generate, samples
+from tests.test_weight_sync import finish, free_port, peer
+
+# distinct first tokens: no prompt shares a cached block with another
+PROMPTS = [[k] + list(range(300 + 7 * k, 330 + 9 * k)) for k in range(1, 6)] + ["the group"]
+SEEDED = SamplingParams(temperature=1.0, seed=5, n=4, max_tokens=8)
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, seed=1)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def new_group(path, **options) -> RolloutGroup:
+    # half a CPU each: this group, a second one and a ray.data pool fit in num_cpus=2
+    return RolloutGroup(str(path), 2, num_cpus_per_engine=0.5, **ENGINE_OPTIONS, **options)
+
+
+@pytest.fixture(scope="module")
+def group(ray_session, qwen3_path):
+    group = new_group(qwen3_path)
+    yield group
+    group.shutdown()
+
+
+def test_group_generates_what_one_local_engine_generates(group, qwen3_path):
+    group.update_weights_from_disk(str(qwen3_path), version=0)  # the checkpoint, cache empty
+    before = [s.completed for s in group.slots]
+    got = group.generate(PROMPTS, SEEDED)
+    assert comparable(got) == comparable(local_generate(qwen3_path, PROMPTS, SEEDED))
+    assert [s.completed - b for s, b in zip(group.slots, before)] == [3, 3]
+    for out in got:  # all samples on one engine: the prompt was prefilled once, then shared
+        cached = sorted(c.cached_tokens for c in out.outputs)
+        assert cached == [0] + [len(out.prompt_token_ids)] * 3
+
+
+def test_sessions_stay_on_one_engine_and_async_matches(group):
+    before = [s.completed for s in group.slots]
+    turns = group.generate(PROMPTS[:4], GREEDY, session_ids=["chat"] * 4)
+    served = [s.completed - b for s, b in zip(group.slots, before)]
+    assert sorted(served) == [0, 4]
+
+    async def one(prompt):
+        return await group.generate_async(prompt, GREEDY, session_id="chat")
+    again = asyncio.run(one(PROMPTS[0])).outputs[0]
+    assert (again.token_ids, again.logprobs) == (turns[0].outputs[0].token_ids,
+                                                 turns[0].outputs[0].logprobs)
+    assert again.cached_tokens == 32  # its first block was cached by the first turn
+    assert [s.completed - b for s, b in zip(group.slots, before)] == [x and 5 for x in served]
+
+
+def test_one_gloo_group_updates_every_engine_then_release_and_resume_apply_to_all(
+        group, qwen3_path):
+    model = trained(qwen3_path, 5)
+    manifest = [(n, str(t.dtype).removeprefix("torch."), list(t.shape))
+                for n, t in model.named_parameters()]
+    port = free_port()
+    trainer = peer("collective_trainer", path=str(qwen3_path), seed=5, master_port=port,
+                   world_size=3, bucket_bytes=1 << 16)
+    group.init_weights_update_group("127.0.0.1", port, "sync", backend="gloo")
+    names, dtypes, shapes = map(list, zip(*manifest))
+    assert group.update_weights_from_distributed(names, dtypes, shapes, "sync", version=3,
+                                                 bucket_bytes=1 << 16) == [3, 3]
+    sent = finish(trainer)["checksum"]
+    assert sent == weight_sync.checksum(model.named_parameters())
+    assert group.weights_checksum() == [sent, sent]
+    group.destroy_weights_update_group("sync")
+    expected = comparable(local_generate(qwen3_path, PROMPTS, GREEDY,
+                                         model.named_parameters(), version=3))
+    assert comparable(group.generate(PROMPTS, GREEDY)) == expected
+
+    group.release_memory()
+    stats = ray.get([e.memory_stats.remote() for e in group.engines])
+    assert all(s["weights"] == 0 and s["kv_cache"] == 0 and s["released"]["weights"] > 0
+               for s in stats)
+    with pytest.raises(RuntimeError, match="memory is released"):
+        group.generate(PROMPTS[:1], GREEDY)
+    group.resume_memory()
+    assert group.weights_checksum() == [sent, sent]
+    assert comparable(group.generate(PROMPTS, GREEDY)) == expected
+
+
+def test_one_zmq_sender_per_engine_updates_every_engine(group, qwen3_path):
+    addresses = group.start_weight_receivers()
+    assert len(set(addresses)) == 2
+    senders = [peer("zmq_sender", address=address, mode="bytes", path=str(qwen3_path), seed=4,
+                    bucket_bytes=1 << 16, version=7) for address in addresses]
+    assert [finish(sender)["version"] for sender in senders] == [7, 7]
+    expected = weight_sync.checksum(trained(qwen3_path, 4).named_parameters())
+    assert group.weights_checksum() == [expected, expected]
+    assert group.weight_versions() == [7, 7]
+
+
+LONG = SamplingParams(temperature=1.0, seed=9, n=2, max_tokens=160, ignore_eos=True)
+
+
+def generate_in_background(group, prompts, params, engines=(0, 1)):
+    box = {}
+
+    def run():
+        try:
+            box["out"] = group.generate(prompts, params)
+        except Exception as e:
+            box["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until these engines are generating
+        loads = ray.get([group.slots[i].actor.load.remote() for i in engines])
+        if all(load["running"] > 0 for load in loads):
+            return thread, box
+        time.sleep(0.005)
+    raise AssertionError("the engines never started generating")
+
+
+def test_a_killed_engine_loses_nothing_and_replace_restores_the_group(ray_session, qwen3_path):
+    group = new_group(qwen3_path)
+    try:
+        model = trained(qwen3_path, 9)
+        assert group.update_weights(model.named_parameters(), version=9) == [9, 9]
+        local = local_generate(qwen3_path, PROMPTS, LONG, model.named_parameters(), version=9)
+
+        thread, box = generate_in_background(group, PROMPTS, LONG)
+        ray.kill(group.slots[0].actor)
+        thread.join(timeout=120)
+        assert "error" not in box and comparable(box["out"]) == comparable(local)
+        assert not group.slots[0].ready and "died" in group.slots[0].error
+        assert group.size == 1
+
+        group.replace(0)
+        assert group.size == 2 and group.weight_versions() == [9, 9]
+        checksum = weight_sync.checksum(model.named_parameters())
+        assert group.weights_checksum() == [checksum, checksum]
+        before = [s.completed for s in group.slots]
+        assert samples(group.generate(PROMPTS, LONG)) == samples(local)
+        assert [s.completed - b for s, b in zip(group.slots, before)] == [3, 3]
+    finally:
+        group.shutdown()
+
+
+def test_a_hung_engine_is_caught_by_the_health_check_and_none_left_fails_naming_them(
+        ray_session, qwen3_path):
+    group = new_group(qwen3_path)
+    try:
+        model = trained(qwen3_path, 10)
+        group.update_weights(model.named_parameters(), version=10)
+        local = local_generate(qwen3_path, PROMPTS, LONG, model.named_parameters(), version=10)
+        ray.get(group.slots[1].actor.pause_generation.remote("in_place"))  # stuck, still alive
+        thread, box = generate_in_background(group, PROMPTS, LONG, engines=[0])
+        assert group.check_health(timeout_s=2) == [True, False]
+        assert "died: " in group.slots[1].error and "Timeout" in group.slots[1].error
+        thread.join(timeout=120)
+        assert "error" not in box and comparable(box["out"]) == comparable(local)
+
+        thread, box = generate_in_background(group, PROMPTS, LONG, engines=[0])
+        ray.kill(group.slots[0].actor)
+        thread.join(timeout=120)
+        assert isinstance(box.get("error"), NoEngineLeftError)
+        assert "engine 0 (died: " in str(box["error"]) and "engine 1 (died: " in str(box["error"])
+        with pytest.raises(NoEngineLeftError, match="no engine of the group holds its current"):
+            group.replace(0)
+    finally:
+        group.shutdown()
+
+
+def test_ray_data_batch_rollout_matches_the_local_engine(ray_session, qwen3_path):
+    prompts = [[(7 * i) % 500 + 1] + [(i * j) % 511 for j in range(3 + i % 29)]
+               for i in range(200)]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=4)
+    ds = ray.data.from_items([{"id": i, "prompt": p} for i, p in enumerate(prompts)])
+    out = ds.map_batches(BatchRollout, batch_size=50, concurrency=2, num_cpus=0.5,
+                         fn_constructor_kwargs=dict(model=str(qwen3_path), sampling_params=params,
+                                                    **ENGINE_OPTIONS))
+    rows = sorted(out.take_all(), key=lambda r: r["id"])
+    expected = local_generate(qwen3_path, prompts, params)
+    assert len(rows) == 200
+    for row, want in zip(rows, expected):
+        c = want.outputs[0]
+        assert list(row["token_ids"]) == c.token_ids
+        assert list(row["logprobs"]) == c.logprobs
+        assert row["finish_reason"] == c.finish_reason
