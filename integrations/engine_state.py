@@ -5,6 +5,7 @@ import torch
 
 from rollout import Engine
 from weight_sync import TensorMeta
+from weight_sync.buckets import dtype_name
 
 
 def load(engine: Engine) -> dict[str, int]:
@@ -24,6 +25,7 @@ def weights_manifest(engine: Engine) -> tuple[list[TensorMeta], list[str]]:
     """What a complete update must carry, in the engine's dtype (names, dtypes, shapes), and
     the other names the engine accepts for the same storage (a tied `lm_head.weight`)."""
     store = engine.weights
-    manifest = [TensorMeta.of(name, view) for name, view in named_weights(engine)]
+    manifest = [TensorMeta(name, dtype_name(store.targets[name].param.dtype),
+                           store.targets[name].shape) for name in store.canonical]
     aliases = sorted(set(store.targets) - set(store.canonical))
     return manifest, aliases

@@ -1,0 +1,105 @@
+"""verl's trainer-side rollout (its "ServerAdapter"): runs in each trainer worker and drives
+that worker's replica server: resume, release, and weight updates streamed from verl's
+generator of `(name, tensor)` into the engine's weights in place, over our ZMQ transport.
+
+The engine's update is a transaction that names every tensor before the first byte lands; the
+server gives the full manifest (its tensors, in its dtype) up front, so the generator is sent
+bucket by bucket as it yields, never held whole.
+"""
+
+import contextlib
+import os
+from collections.abc import Iterable
+
+import ray
+import torch
+from verl.workers.rollout.base import BaseRollout
+
+from integrations.verl.names import server_name
+from weight_sync import TensorMeta, WeightUpdateError, ZmqWeightSender, plan_buckets
+from weight_sync.buckets import dtype_from_name
+
+
+class RolloutEngineAdapter(BaseRollout):
+    def __init__(self, config, model_config, device_mesh, replica_rank: int = -1, **kwargs):
+        super().__init__(config, model_config, device_mesh)
+        if replica_rank < 0:  # one replica per trainer rank (a replica is one engine)
+            replica_rank = int(os.environ.get("RANK", "0"))
+        self.replica_rank = replica_rank
+        self._server = None
+
+    @property
+    def server(self) -> ray.actor.ActorHandle:
+        if self._server is None:  # started by the replica, after this adapter
+            self._server = ray.get_actor(server_name(self.replica_rank))
+        return self._server
+
+    async def resume(self, tags: list[str]) -> None:
+        """Take back "weights" (empty after a hybrid sleep: an update must follow) and/or
+        "kv_cache"."""
+        if self.config.free_cache_engine:
+            await self.server.resume_memory.remote(list(tags))
+
+    async def release(self) -> None:
+        if self.config.free_cache_engine:
+            await self.server.sleep.remote()
+
+    async def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                             wire_format: str = "named_tensors", global_steps: int | None = None,
+                             peft_config=None, base_sync_done: bool = True, **kwargs) -> None:
+        """Load the trainer's weights into the engine in place; `global_steps` becomes the
+        weight version every later output reports."""
+        if wire_format != "named_tensors":
+            raise NotImplementedError(f"rollout_engine takes full tensors "
+                                      f"(wire_format='named_tensors'), not {wire_format!r}")
+        if peft_config is not None:
+            raise NotImplementedError("rollout_engine loads full weights, not LoRA adapters: set "
+                                      "actor_rollout_ref.model.lora.merge=True")
+        target = await self.server.weight_receiver.remote()
+        same_node = target["node_id"] == ray.get_runtime_context().get_node_id()
+        bucket_bytes = self.config.checkpoint_engine.update_weights_bucket_megabytes << 20
+        stream_weights(target["address"], [TensorMeta.from_wire(m) for m in target["manifest"]],
+                       set(target["aliases"]), weights, global_steps,
+                       mode="handle" if same_node else "bytes", bucket_bytes=bucket_bytes)
+
+
+def stream_weights(address: str, manifest: list[TensorMeta], aliases: set[str],
+                   weights: Iterable[tuple[str, torch.Tensor]], version: int | None,
+                   mode: str, bucket_bytes: int) -> int:
+    """Open an update for the whole `manifest`, then send the tensors in the order `weights`
+    yields them, converted to the engine's dtypes and copied as they come (verl may hand out
+    views of storage it changes once the generator ends), a bucket at a time. Names in
+    `aliases` are skipped (the same storage arrives under its main name). A tensor the engine
+    does not have, or one that never arrives, fails the update; the engine then refuses to
+    generate until a complete update lands. Returns the engine's new version."""
+    dtypes = {m.name: dtype_from_name(m.dtype) for m in manifest}
+    with ZmqWeightSender(address, mode=mode, bucket_bytes=bucket_bytes) as sender:
+        sender.begin({m.name: torch.empty(m.shape, dtype=dtypes[m.name], device="meta")
+                      for m in manifest}, version)
+        try:
+            bucket: dict[str, torch.Tensor] = {}
+            size = 0
+            for name, tensor in weights:
+                if name in aliases:
+                    continue
+                if name not in dtypes:
+                    raise ValueError(f"the trainer sent {name!r}, which the rollout engine's "
+                                     f"model does not have (it has {len(dtypes)} tensors, e.g. "
+                                     f"{sorted(dtypes)[:3]})")
+                bucket[name] = tensor.detach().to(dtypes[name], copy=True)
+                size += bucket[name].nbytes
+                if size >= bucket_bytes:
+                    _send_bucket(sender, bucket)
+                    bucket, size = {}, 0
+            _send_bucket(sender, bucket)
+        except BaseException:
+            with contextlib.suppress(WeightUpdateError):
+                sender.commit()  # closes the engine's transaction now, as broken
+            raise
+        return sender.commit()
+
+
+def _send_bucket(sender: ZmqWeightSender, bucket: dict[str, torch.Tensor]) -> None:
+    if bucket:
+        (metas,) = plan_buckets([TensorMeta.of(n, t) for n, t in bucket.items()], 1 << 62)
+        sender.send_bucket(bucket, metas)
