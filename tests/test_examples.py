@@ -17,3 +17,28 @@ def test_rl_loop_has_zero_sampler_trainer_gap(tmp_path):
     steps = re.findall(r"max \|sampler - trainer\| log-prob (\S+), engine now at weight "
                        r"version (\d+) \(checksum match: (\w+)\)", done.stdout)
     assert steps == [("0.0e+00", "1", "True"), ("0.0e+00", "2", "True")]
+
+
+def run_example(name: str, tmp_path) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "ROLLOUT_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_ray_group_example_updates_every_engine_and_survives_release(tmp_path):
+    out = run_example("ray_group.py", tmp_path)
+    assert "sampled 16 completions of 4 prompts on 2 engines (per engine: [2, 2] prompts)" in out
+    assert "weight versions [1, 1], every engine's checksum equals the trainer's: True" in out
+    assert "released and resumed 2 engines; outputs unchanged: True" in out
+
+
+def test_verl_plugin_example_runs_two_verl_steps(tmp_path):
+    out = run_example("verl_plugin.py", tmp_path)
+    assert "verl resolves rollout_engine to RolloutEngineAdapter and RolloutEngineReplica" in out
+    steps = re.findall(r"step (\d): weights loaded \(checksum equals the trainer's: (\w+)\); "
+                       r"generated (\d+) tokens with (\d+) log-probs, stop reason completed, "
+                       r"global_steps (\d); asleep", out)
+    assert [(s, same, version) for s, same, _, _, version in steps] == [("1", "True", "1"),
+                                                                      ("2", "True", "2")]
+    assert all(tokens == logprobs != "0" for _, _, tokens, logprobs, _ in steps)
