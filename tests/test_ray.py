@@ -130,23 +130,35 @@ def generate_in_background(group, prompts, params, engines=(0, 1)):
     raise AssertionError("the engines never started generating")
 
 
-def test_a_killed_engine_loses_nothing_and_replace_restores_the_group(ray_session, qwen3_path):
-    group = new_group(qwen3_path)
+def wait_for_size(group, size: int) -> None:
+    deadline = time.monotonic() + 120
+    while group.size < size:
+        assert time.monotonic() < deadline, [s.describe() for s in group.slots]
+        time.sleep(0.05)
+
+
+def test_a_killed_engine_loses_nothing_and_replacements_restore_the_group(ray_session,
+                                                                          qwen3_path):
+    group = new_group(qwen3_path, auto_replace=True)
     try:
         model = trained(qwen3_path, 9)
         assert group.update_weights(model.named_parameters(), version=9) == [9, 9]
         local = local_generate(qwen3_path, PROMPTS, LONG, model.named_parameters(), version=9)
+        checksum = weight_sync.checksum(model.named_parameters())
 
         thread, box = generate_in_background(group, PROMPTS, LONG)
-        ray.kill(group.slots[0].actor)
+        dead = group.slots[0].actor
+        ray.kill(dead)
         thread.join(timeout=120)
         assert "error" not in box and comparable(box["out"]) == comparable(local)
-        assert not group.slots[0].ready and "died" in group.slots[0].error
-        assert group.size == 1
 
-        group.replace(0)
+        wait_for_size(group, 2)  # automatic mode: a new engine 0 with the group's weights
+        assert group.slots[0].actor != dead
+        assert group.weight_versions() == [9, 9]
+        assert group.weights_checksum() == [checksum, checksum]
+
+        group.replace(1)  # by hand
         assert group.size == 2 and group.weight_versions() == [9, 9]
-        checksum = weight_sync.checksum(model.named_parameters())
         assert group.weights_checksum() == [checksum, checksum]
         before = [s.completed for s in group.slots]
         assert samples(group.generate(PROMPTS, LONG)) == samples(local)

@@ -78,13 +78,7 @@ class RolloutGroup:
         self.torch_threads, self.auto_replace = torch_threads, auto_replace
         self.health_timeout_s = health_timeout_s
         self.resources = {"CPU": num_cpus_per_engine, "GPU": num_gpus_per_engine}
-        self.placement_group = placement_group([self.resources] * num_engines, placement)
-        ready, _ = ray.wait([self.placement_group.ready()], timeout=startup_timeout_s)
-        if not ready:
-            remove_placement_group(self.placement_group)
-            raise TimeoutError(f"Ray could not place {num_engines} engines of {self.resources} "
-                               f"with {placement} in {startup_timeout_s:g} s; cluster resources: "
-                               f"{ray.cluster_resources()}")
+        self.placement_group = self._reserve(num_engines, placement, startup_timeout_s)
         self.slots = [EngineSlot(i, self._start(i)) for i in range(num_engines)]
         self._sessions: dict[str, int] = {}
         self._paused = False
@@ -92,7 +86,7 @@ class RolloutGroup:
         self._updated = False  # weights changed since the checkpoint: replacements copy them
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="rollout-group", daemon=True).start()
-        try:
+        try:  # every engine loaded
             ray.get([s.actor.weight_version.remote() for s in self.slots],
                     timeout=startup_timeout_s)
         except BaseException:
@@ -102,6 +96,16 @@ class RolloutGroup:
             slot.ready = True
         if health_check_interval_s is not None:
             self._submit(self._watch(health_check_interval_s))
+
+    def _reserve(self, num_engines: int, placement: str, timeout_s: float):
+        group = placement_group([self.resources] * num_engines, placement)
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise TimeoutError(f"Ray could not place {num_engines} engines of {self.resources} "
+                               f"with {placement} in {timeout_s:g} s; cluster resources: "
+                               f"{ray.cluster_resources()}")
+        return group
 
     def _start(self, index: int) -> ActorHandle:
         strategy = PlacementGroupSchedulingStrategy(self.placement_group,
