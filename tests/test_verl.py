@@ -128,6 +128,27 @@ def test_abort_all_requests_returns_partial_outputs_marked_aborted(replica):
     assert generate(replica, "after").stop_reason == "completed"
 
 
+def cached_tokens(server, prompt: list[int]) -> int:
+    """Prefix-cache hits of one more request (asked of the engine in the server actor)."""
+    from rollout import SamplingParams
+    return ray.get(server.__ray_call__.remote(lambda actor: actor.engine.generate(
+        [prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0].outputs[0].cached_tokens))
+
+
+def test_kv_cache_calls_release_resume_and_clear_it(replica):
+    server, prompt = replica.server_handle, list(range(100, 180))
+    cached_tokens(server, prompt)
+    assert cached_tokens(server, prompt) == 64  # two full blocks came from the cache
+    asyncio.run(replica.clear_kv_cache())
+    assert cached_tokens(server, prompt) == 0
+    asyncio.run(replica.release_kv_cache())
+    stats = ray.get(server.memory_stats.remote())
+    assert stats["kv_cache"] == 0 and stats["weights"] > 0
+    asyncio.run(replica.resume_kv_cache())
+    assert ray.get(server.memory_stats.remote())["kv_cache"] > 0
+    assert generate(replica, "after").stop_reason == "completed"
+
+
 def pointers(server) -> list[int]:
     return ray.get(server.__ray_call__.remote(
         lambda actor: [p.data_ptr() for p in actor.engine.runner.model.parameters()]))
