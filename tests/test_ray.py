@@ -44,11 +44,18 @@ def test_group_generates_what_one_local_engine_generates(group, qwen3_path):
     group.update_weights_from_disk(str(qwen3_path), version=0)  # the checkpoint, cache empty
     before = [s.completed for s in group.slots]
     got = group.generate(PROMPTS, SEEDED)
-    assert comparable(got) == comparable(local_generate(qwen3_path, PROMPTS, SEEDED))
+    local = local_generate(qwen3_path, PROMPTS, SEEDED)
+    assert comparable(got) == comparable(local)
     assert [s.completed - b for s, b in zip(group.slots, before)] == [3, 3]
     for out in got:  # all samples on one engine: the prompt was prefilled once, then shared
         cached = sorted(c.cached_tokens for c in out.outputs)
         assert cached == [0] + [len(out.prompt_token_ids)] * 3
+
+    actor = group.engines[1]  # one engine's own handle: the engine's methods
+    assert samples(ray.get(actor.generate.remote(PROMPTS, SEEDED))) == samples(local)
+    c = local[0].outputs[2]
+    sequence = local[0].prompt_token_ids + c.token_ids
+    assert ray.get(actor.score.remote([sequence], len(local[0].prompt_token_ids))) == [c.logprobs]
 
 
 def test_sessions_stay_on_one_engine_and_async_matches(group):
