@@ -149,6 +149,22 @@ def test_kv_cache_calls_release_resume_and_clear_it(replica):
     assert generate(replica, "after").stop_reason == "completed"
 
 
+def test_a_tensor_the_engine_lacks_fails_the_update_by_name_and_changes_nothing(
+        verl, replica, configs, path):
+    rollout, model_config = configs
+    adapter = verl.get_rollout_class("rollout_engine")(config=rollout, model_config=model_config,
+                                                       device_mesh=None, replica_rank=0)
+    server = replica.server_handle
+    before = ray.get([server.weights_checksum.remote(), server.weight_version.remote()])
+    state = trained(path, 40).state_dict()
+    bad = [("model.not_a_layer.weight", next(iter(state.values())))] + list(state.items())
+    with pytest.raises(ValueError, match="sent 'model.not_a_layer.weight', which the rollout "
+                                         "engine's model does not have"):
+        asyncio.run(adapter.update_weights(iter(bad), global_steps=40))
+    assert ray.get([server.weights_checksum.remote(), server.weight_version.remote()]) == before
+    assert generate(replica, "still-serving").stop_reason == "completed"
+
+
 def pointers(server) -> list[int]:
     return ray.get(server.__ray_call__.remote(
         lambda actor: [p.data_ptr() for p in actor.engine.runner.model.parameters()]))

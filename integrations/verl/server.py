@@ -79,8 +79,8 @@ class RolloutEngineServer:
             raise ValueError(f"repetition_penalty={penalty} is not supported by rollout_engine; "
                              "only 1.0 (its log-probs are what the trainer recomputes)")
         want_logprobs = bool(params.pop("logprobs", False))
-        limit = params.pop("max_new_tokens", None)
-        limit = params.pop("max_tokens", None) if limit is None else limit
+        new_tokens, tokens = params.pop("max_new_tokens", None), params.pop("max_tokens", None)
+        limit = new_tokens if new_tokens is not None else tokens
         if limit is None:
             s = self.settings
             limit = min(s.response_length, s.prompt_length + s.response_length - prompt_len)
