@@ -24,7 +24,7 @@ from kernels import composite, invariance
 from kernels.composite import tree_sum
 from kernels.invariance import Plan
 
-_plans: dict[tuple, Plan] = {}
+_plans: dict[tuple, tuple[Plan, invariance.Verdict]] = {}
 _split_cache: dict[tuple, bool] = {}
 
 

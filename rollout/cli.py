@@ -96,7 +96,8 @@ def cmd_doctor(args) -> int:
     kwargs.setdefault("num_kv_blocks", 16)
     engine = Engine(args.model, deterministic=not args.fast, **kwargs)
     report = engine.determinism_report()
-    print(f"model: {args.model or 'built-in preset'}")
+    print(f"model: {args.model or 'built-in preset'} (kernel proofs at start: "
+          f"{engine.runner.kernel_prepare_seconds:.1f} s)")
     print(report.format())
     return 0 if report.guaranteed else 1
 

@@ -2,6 +2,8 @@
 
 All tensors of a step are built here, in `prepare`."""
 
+import time
+
 import torch
 
 from kernels import get_ops
@@ -43,7 +45,9 @@ class ModelRunner:
         self.weights = WeightStore(self.model.weight_targets(),
                                    model_config.tie_word_embeddings)
         self.weights.load_checkpoint(config.model)
+        start = time.perf_counter()
         self.kernel_verdicts = tuple(self.model.prepare_kernels(self.block_size, self.dtype))
+        self.kernel_prepare_seconds = time.perf_counter() - start
         self.sampler = Sampler(self.ops.softmax_parts)
         self.num_blocks = self._num_blocks(max_model_len)
         self.k_cache = self.v_cache = None
