@@ -91,7 +91,9 @@ def mm_plan(w_t: torch.Tensor, op: str = "matmul") -> Plan:
 def _bmm_decided(k: int, n: int, op: str) -> tuple[Plan, invariance.Verdict]:
     def prove():
         like = torch.empty(invariance.MAX_BATCH, k, n)
-        return invariance.prove_tiles(lambda a, b: blas_bmm(a.contiguous(), b), like)
+        # attention's operands are narrow (a head by a split): 128-row tiles are plenty
+        tiles = tuple(t for t in invariance.TILE_CANDIDATES if t <= 128)
+        return invariance.prove_tiles(lambda a, b: blas_bmm(a.contiguous(), b), like, tiles)
 
     return _decided(("bmm", op, k, n, torch.get_num_threads()), prove, op,
                     f"{_shape_label(k, n)} batch<={invariance.MAX_BATCH}", torch.float32)
