@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-LARGE_OPERAND = 1 << 26  # elements; its proofs stop at 128-row tiles (each call reads it all)
+LARGE_OPERAND = 1 << 26  # elements: each call reads it all, so only tiles of 4 to 128 rows
 MAX_BATCH = 256
 BATCH_COUNTS = (1, 2, 3, 4, 7, 16, 64, MAX_BATCH - 1, MAX_BATCH)
 SIGNATURE_ROWS = 32  # at most; fewer rows where each has many columns
@@ -144,8 +144,8 @@ def prove_tiles(product: Product, like: torch.Tensor,
     """The class of row tiles proven invariant for `product` against an operand like `like`
     ([K, N], or [B, K, N] for a batched call), the class holding the largest passing tile (see
     the module docstring); an empty plan when no candidate passes."""
-    candidates = candidates or tuple(t for t in TILE_CANDIDATES
-                                     if t <= 128 or like.numel() <= LARGE_OPERAND)
+    large = like.numel() > LARGE_OPERAND
+    candidates = candidates or tuple(t for t in TILE_CANDIDATES if not large or 4 <= t <= 128)
     gen = torch.Generator().manual_seed(0)
     batched = like.dim() == 3
     k, n = like.shape[-2:]
