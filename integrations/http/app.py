@@ -32,7 +32,20 @@ def build_app(engine: Engine, model_name: str | None = None,
     if api_key:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
     app.add_middleware(AccessLog)  # added last: outermost, so refused calls are logged too
+    _name_the_model_in_the_schema(app, app.state.server.model_name)
     return app
+
+
+def _name_the_model_in_the_schema(app: FastAPI, model_name: str) -> None:
+    """/openapi.json says which `model` the OpenAI routes accept: the one served here."""
+    schema_of = app.openapi
+
+    def openapi() -> dict:
+        schema = schema_of()
+        for name in ("CompletionRequest", "ChatRequest"):
+            schema["components"]["schemas"][name]["properties"]["model"]["enum"] = [model_name]
+        return schema
+    app.openapi = openapi
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:

@@ -208,7 +208,8 @@ async def server_info(server: ServerDep):
     return {
         "model_path": config.model, "tokenizer_path": config.model,
         "served_model_name": server.model_name,
-        "tp_size": 1, "dp_size": 1, "pp_size": 1, "ep_size": 1,
+        "tp_size": 1, "dp_size": 1, "pp_size": 1, "ep_size": 1, "disaggregation_mode": "null",
+        "encoder_only": False,
         "enable_memory_saver": True, "skip_tokenizer_init": engine.tokenizer is None,
         "dtype": str(engine.runner.dtype).removeprefix("torch."), "device": config.device,
         "weight_version": str(engine.weight_version),

@@ -70,6 +70,11 @@ Prompt = str | list[int]
 
 class GenerateRequest(Strict):
     """`POST /generate`: one prompt (answered with an object) or a batch (a list, in order)."""
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"input_ids": [1, 2, 3], "return_logprob": True,
+         "sampling_params": {"max_new_tokens": 8, "temperature": 0}},
+        {"text": ["Hello", "Hi"], "sampling_params": {"max_new_tokens": 8, "n": 2,
+                                                      "sampling_seed": 1}}]})
     text: str | list[str] | None = None
     input_ids: list[TokenId] | list[list[TokenId]] | None = None
     sampling_params: SglSamplingParams | list[SglSamplingParams] = Field(
