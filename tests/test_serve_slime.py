@@ -212,3 +212,70 @@ def test_probes_and_logs(server):
     log = server.log()
     assert "Uvicorn running on http://127.0.0.1:" in log  # loopback unless told otherwise
     assert '"POST /generate" 200' in log and '"POST /abort_request" 200' in log
+
+
+def events(reply) -> list:
+    lines = [line for line in reply.text.split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_answer_shapes_streams_stops_and_scoring(server):
+    with server.client() as client:
+        single = client.post("/generate", json=greedy(PROMPTS[1], 8)).json()
+        streamed = events(client.post("/generate", json=greedy(PROMPTS[1], 8) | {"stream": True}))
+        assert [len(e["output_ids"]) for e in streamed] == sorted({len(e["output_ids"])
+                                                                  for e in streamed})
+        assert streamed[-1]["output_ids"] == single["output_ids"]
+        assert streamed[-1]["meta_info"]["output_token_logprobs"] == \
+            single["meta_info"]["output_token_logprobs"]
+
+        batch = slime_payload([PROMPTS[1], PROMPTS[2]], 5, seed=3)  # a batch of two, n=2
+        batch["sampling_params"]["n"] = 2
+        answers = client.post("/generate", json=batch).json()
+        assert len(answers) == 4 and len({a["meta_info"]["id"] for a in answers}) == 2
+        finals = {}
+        for e in events(client.post("/generate", json=batch | {"stream": True})):
+            finals[e["index"]] = e
+        assert [finals[i]["output_ids"] for i in range(4)] == [a["output_ids"] for a in answers]
+
+        # a stop token: trimmed, unless no_stop_trim (then included and counted)
+        stop = single["output_ids"][3]
+        first = single["output_ids"].index(stop)
+        for keep in (True, False):
+            payload = greedy(PROMPTS[1], 8)
+            payload["sampling_params"] |= {"stop_token_ids": [stop], "no_stop_trim": keep}
+            meta = (answer := client.post("/generate", json=payload).json())["meta_info"]
+            assert meta["finish_reason"] == {"type": "stop", "matched": stop}
+            kept = first + 1 if keep else first
+            assert answer["output_ids"] == single["output_ids"][:kept]
+            assert meta["completion_tokens"] == len(meta["output_token_logprobs"]) == kept
+
+        # slime's on-policy distillation: max_new_tokens 0, logprob_start_len 0, reads
+        # input_token_logprobs[1:]; the engine scores with generation's bits
+        sequence = PROMPTS[1] + single["output_ids"]
+        scored = client.post("/generate", json={
+            "input_ids": sequence, "return_logprob": True, "logprob_start_len": 0,
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0}}).json()
+        inputs = scored["meta_info"]["input_token_logprobs"]
+        assert scored["output_ids"] == [] and inputs[0] == [None, sequence[0], None]
+        assert [t for _, t, _ in inputs] == sequence
+        assert inputs[len(PROMPTS[1]):] == single["meta_info"]["output_token_logprobs"]
+
+
+def test_update_from_disk_and_weight_version_label(server, qwen3_path, tmp_path):
+    trained(qwen3_path, 24).save_pretrained(tmp_path / "step-24")
+    with server.client() as client:
+        reply = client.post("/update_weights_from_disk", json={
+            "model_path": str(tmp_path / "step-24"), "weight_version": "step-24"})
+        assert reply.status_code == 200 and reply.json()["success"], reply.text
+        answers = [client.post("/generate", json=greedy(p)).json() for p in PROMPTS[:4]]
+        assert {a["meta_info"]["weight_version"] for a in answers} == {"step-24"}
+        assert_matches(trained(qwen3_path, 24), PROMPTS[:4], [tokens_and_logprobs(a)
+                                                              for a in answers])
+        reply = client.post("/update_weight_version", json={"new_version": "step-24b"})
+        assert reply.status_code == 200 and reply.json()["new_version"] == "step-24b"
+        assert client.get("/get_weight_version").json() == {"weight_version": "step-24b"}
+        again = client.post("/generate", json=greedy(PROMPTS[0])).json()
+        assert again["meta_info"]["weight_version"] == "step-24b"
+        assert again["output_ids"] == answers[0]["output_ids"]

@@ -77,15 +77,35 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if request.method in ("POST", "PUT") and "json" not in content_type:
         return error_response(400, f"the body must be JSON, sent with 'Content-Type: "
                                    f"application/json' (got {content_type or 'none'!r})", "body")
-    problems = [_problem(e) for e in exc.errors()]
+    problems = [_problem(e) for e in _closest_union_members(exc.errors())]
     message = "; ".join(dict.fromkeys(text for _, text in problems))
     return error_response(400, message, problems[0][0] if problems else None)
 
 
+def _is_type_tag(part) -> bool:
+    """pydantic names the union member an error belongs to in its location ('list[str]')."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int"))
+
+
+def _closest_union_members(errors: list[dict]) -> list[dict]:
+    """A value that fits no member of a union gets every member's errors; keep those of the
+    members it came closest to (the deepest errors)."""
+    def member(error) -> tuple[tuple, str | None, int]:
+        loc = error["loc"]
+        i = next((i for i, part in enumerate(loc) if _is_type_tag(part)), None)
+        return (tuple(loc), None, 0) if i is None else (tuple(loc[:i]), loc[i], len(loc) - i)
+
+    depth: dict = {}
+    for e in errors:
+        field, tag, d = member(e)
+        depth[field, tag] = max(depth.get((field, tag), 0), d)
+    deepest = {field: max(d for (f, _), d in depth.items() if f == field) for field, _ in depth}
+    return [e for e in errors if depth[member(e)[:2]] == deepest[member(e)[0]]]
+
+
 def _problem(error: dict) -> tuple[str, str]:
     """(field, what is wrong with it) from one pydantic error."""
-    loc = [str(part) for part in error["loc"]
-           if not (isinstance(part, str) and ("[" in part or "-" in part))]
+    loc = [str(part) for part in error["loc"] if not _is_type_tag(part)]
     if loc[:1] == ["body"]:
         loc = loc[1:]
     if error["type"] == "json_invalid":
