@@ -41,7 +41,22 @@ class Job:
     def scoring_only(self) -> bool:
         return self.sp.max_new_tokens == 0
 
+    @property
+    def wants_input_logprobs(self) -> bool:
+        start = self.req.logprob_start_len
+        return self.req.return_logprob and start is not None and start >= 0
+
+    def check_logprob_start(self) -> None:
+        """Before any generation: logprob_start_len must fall inside the prompt."""
+        if not self.wants_input_logprobs:
+            return
+        length = len(self.server.token_ids(self.prompt))
+        if self.req.logprob_start_len >= length:
+            raise ApiError(400, f"logprob_start_len ({self.req.logprob_start_len}) must be below "
+                                f"the prompt length ({length})", "logprob_start_len")
+
     async def run(self) -> list[dict]:
+        self.check_logprob_start()
         if self.scoring_only:
             out = self.empty_output()
         else:
@@ -52,6 +67,7 @@ class Job:
 
     async def stream(self) -> AsyncIterator[tuple[int, dict]]:
         """(sample index, cumulative sample) after each step that changed it."""
+        self.check_logprob_start()
         if self.scoring_only:
             out = self.empty_output()
             await self.score_prompt(out.prompt_token_ids)
@@ -80,14 +96,9 @@ class Job:
     async def score_prompt(self, ids: list[int]) -> None:
         """input_token_logprobs from logprob_start_len on: the first token has none, the rest
         come from the engine's teacher-forced `score`."""
-        start = self.req.logprob_start_len
-        if not self.req.return_logprob or start is None or start < 0 \
-                or self.input_logprobs is not None:
+        if not self.wants_input_logprobs or self.input_logprobs is not None:
             return
-        if start >= len(ids):
-            raise ApiError(400, f"logprob_start_len ({start}) must be below the prompt length "
-                                f"({len(ids)})", "logprob_start_len")
-        scored = []
+        start, scored = self.req.logprob_start_len, []
         if len(ids) > 1:
             (scored,) = await self.server.call(self.server.engine.score, [ids], max(start, 1),
                                                self.sp.temperature)

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from integrations.http.native_api import ServerDep
 from integrations.http.openai_protocol import ChatMessage, ChatRequest, CompletionRequest
@@ -49,7 +50,8 @@ async def completions(req: CompletionRequest, server: ServerDep):
 async def chat_completions(req: ChatRequest, server: ServerDep):
     _check_model(server, req.model)
     answer = Answer(server, req.model, "chat.completion", req.n)
-    prompt, params = chat_prompt(server, req.messages), req.sampling()
+    prompt = await run_in_threadpool(chat_prompt, server, req.messages)
+    params = req.sampling()
     top = req.top_logprobs or 0
     if req.stream:
         return await answer.stream([prompt], params, req.include_usage,

@@ -39,9 +39,9 @@ def engine_errors():
 class Server:
     engine: Engine
     model_name: str
-    api_key: str | None = None
     open: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: dict[str, asyncio.Event] = field(default_factory=dict)  # rid -> aborted
+    at_gate: int = 0
     control: asyncio.Lock = field(default_factory=asyncio.Lock)  # pause, continue, flush
 
     def __post_init__(self):
@@ -69,9 +69,11 @@ class Server:
         try:
             if not self.open.is_set():
                 waits = [asyncio.ensure_future(e.wait()) for e in (self.open, aborted)]
+                self.at_gate += 1
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
+                    self.at_gate -= 1
                     for w in waits:
                         w.cancel()
             yield rid, aborted.is_set()
@@ -155,6 +157,5 @@ class Server:
 
     def loads(self) -> dict:
         scheduler = self.engine.scheduler
-        at_gate = len(self.inflight) if self.paused else 0
         return {"num_running_reqs": len(scheduler.running),
-                "num_waiting_reqs": len(scheduler.waiting) + at_gate}
+                "num_waiting_reqs": len(scheduler.waiting) + self.at_gate}
