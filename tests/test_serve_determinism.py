@@ -15,7 +15,7 @@ from tests.serving import rollout_serve
 PROMPT_1 = "Tell me about Richard Feynman: "
 PROMPT_2 = "Generate 1000 random numbers. Go directly into it, don't say Sure. Just start: "
 LONG_PROMPT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog. " for i in range(9))
-PREFIX_PROMPTS = [LONG_PROMPT[:n] for n in (1, 40, 200, 480)]
+PREFIX_PROMPTS = [LONG_PROMPT[:n] for n in (1, 40, 200, 400)]  # LONG_PROMPT has 477
 MODES = {"greedy": {"temperature": 0.0}, "seeded": {"temperature": 1.0, "sampling_seed": 42}}
 TRIALS = 8
 
@@ -69,7 +69,7 @@ def test_sglang_determinism_procedure(server, mode):
             texts = [rng.choice(PREFIX_PROMPTS) for _ in range(size)]
             record(texts, batch(client, texts, mode))
     assert {text: len(sigs) for text, sigs in seen.items()} == {text: 1 for text in seen}
-    assert len(seen) == 3 + len(PREFIX_PROMPTS)
+    assert set(seen) == {PROMPT_1, PROMPT_2, LONG_PROMPT, *PREFIX_PROMPTS}
 
 
 def distinct_requests(count: int) -> list[dict]:

@@ -21,7 +21,7 @@ log = logging.getLogger("rollout.serve")
 def build_app(engine: Engine, model_name: str | None = None,
               api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="rollout serve", summary="SGLang's native HTTP API and the OpenAI API "
-                  "over a deterministic rollout engine", version=native_api._package_version())
+                  "over a deterministic rollout engine", version=native_api.package_version())
     app.state.server = Server(engine, model_name or Path(engine.config.model).name)
     app.include_router(native_api.router)
     app.include_router(openai_api.router)

@@ -218,11 +218,11 @@ async def server_info(server: ServerDep):
         "max_total_num_tokens": engine.block_manager.num_blocks * config.block_size,
         "page_size": config.block_size, "chunked_prefill_size": config.max_num_batched_tokens,
         "deterministic": config.deterministic, "memory": engine.memory_stats(),
-        "version": _package_version(),
+        "version": package_version(),
     }
 
 
-def _package_version() -> str:
+def package_version() -> str:
     try:
         return version("rollout-engine")
     except PackageNotFoundError:
