@@ -220,7 +220,7 @@ def events(reply) -> list:
     return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
 
 
-def test_answer_shapes_streams_stops_and_scoring(server):
+def test_answer_shapes_streams_and_stops(server):
     with server.client() as client:
         single = client.post("/generate", json=greedy(PROMPTS[1], 8)).json()
         streamed = events(client.post("/generate", json=greedy(PROMPTS[1], 8) | {"stream": True}))
@@ -229,6 +229,13 @@ def test_answer_shapes_streams_stops_and_scoring(server):
         assert streamed[-1]["output_ids"] == single["output_ids"]
         assert streamed[-1]["meta_info"]["output_token_logprobs"] == \
             single["meta_info"]["output_token_logprobs"]
+
+        # as SGLang's router re-serializes a request: its defaults for the fields it knows
+        routed = greedy(PROMPTS[1], 8) | {
+            "return_text_in_logprobs": False, "stream": False, "log_metrics": True,
+            "return_hidden_states": False, "background": False, "no_logs": False,
+            "return_bytes": False, "return_entropy": False}
+        assert client.post("/generate", json=routed).json()["output_ids"] == single["output_ids"]
 
         batch = slime_payload([PROMPTS[1], PROMPTS[2]], 5, seed=3)  # a batch of two, n=2
         batch["sampling_params"]["n"] = 2
@@ -251,8 +258,13 @@ def test_answer_shapes_streams_stops_and_scoring(server):
             assert answer["output_ids"] == single["output_ids"][:kept]
             assert meta["completion_tokens"] == len(meta["output_token_logprobs"]) == kept
 
-        # slime's on-policy distillation: max_new_tokens 0, logprob_start_len 0, reads
-        # input_token_logprobs[1:]; the engine scores with generation's bits
+
+
+def test_scoring_a_prompt_gives_the_generation_logprobs(server):
+    """slime's on-policy distillation: max_new_tokens 0, logprob_start_len 0, reading
+    input_token_logprobs[1:]; the engine scores with the bits generation returned."""
+    with server.client() as client:
+        single = client.post("/generate", json=greedy(PROMPTS[1], 8)).json()
         sequence = PROMPTS[1] + single["output_ids"]
         scored = client.post("/generate", json={
             "input_ids": sequence, "return_logprob": True, "logprob_start_len": 0,

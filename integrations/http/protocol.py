@@ -95,6 +95,15 @@ class GenerateRequest(Strict):
     return_bytes: Literal[False] = False
     return_entropy: Literal[False] = False
 
+    @field_validator("sampling_params", "return_logprob", "top_logprobs_num", "stream",
+                     mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """SGLang types these Optional: null means the default."""
+        if value is None:
+            return cls.model_fields[info.field_name].get_default(call_default_factory=True)
+        return value
+
     @model_validator(mode="after")
     def _one_input(self):
         if (self.text is None) == (self.input_ids is None):
