@@ -1,3 +1,4 @@
-"""Adapters from the engine to the outside world, over the public `rollout.Engine` API: `ray`
-(engine actors, engine groups, `ray.data` batch rollouts) and `verl` (a rollout plugin).
-Nothing in rollout/, kernels/ or weight_sync/ imports this package."""
+"""Adapters from the engine to the outside world, over the public `rollout.Engine` API: `http`
+serves SGLang's native API and the OpenAI API (`rollout serve`), `ray` runs engines as Ray
+actors and groups (and `ray.data` batch rollouts), `verl` is a verl rollout plugin. Nothing in
+rollout/, kernels/ or weight_sync/ imports this."""

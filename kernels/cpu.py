@@ -24,7 +24,7 @@ from kernels import composite, invariance
 from kernels.composite import tree_sum
 from kernels.invariance import Plan
 
-_plans: dict[tuple, Plan] = {}
+_plans: dict[tuple, tuple[Plan, invariance.Verdict]] = {}
 _split_cache: dict[tuple, bool] = {}
 
 
@@ -69,30 +69,31 @@ def _decided(key: tuple, prove, op: str, shape: str, dtype) -> tuple[Plan, invar
     return got
 
 
+def _mm_into(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(a.shape[1], w_t.shape[1], dtype=a.dtype)
+    blas_mm(a[0], w_t, out)
+    return out.unsqueeze(0)
+
+
 def _mm_decided(w_t: torch.Tensor, op: str) -> tuple[Plan, invariance.Verdict]:
-    n = w_t.shape[1]
-
-    def run(a, _batch):
-        out = torch.empty(a.shape[1], n, dtype=a.dtype)
-        blas_mm(a[0], w_t, out)
-        return out.unsqueeze(0)
-
-    key = (tuple(w_t.shape), w_t.stride(), w_t.dtype, torch.get_num_threads())
-    return _decided(key, lambda: invariance.prove_tiles(run, w_t.shape[0], w_t.dtype), op,
+    key = (tuple(w_t.shape), w_t.stride(), w_t.dtype, w_t.data_ptr() % 64,
+           torch.get_num_threads())
+    return _decided(key, lambda: invariance.prove_tiles(_mm_into, w_t), op,
                     _shape_label(*w_t.shape), w_t.dtype)
 
 
 def mm_plan(w_t: torch.Tensor, op: str = "matmul") -> Plan:
-    """The proven row tiles for x @ w_t, measured once per (shape, strides, dtype, threads)."""
+    """The proven row tiles for x @ w_t, measured once per (shape, strides, dtype, alignment,
+    threads)."""
     return _mm_decided(w_t, op)[0]
 
 
 def _bmm_decided(k: int, n: int, op: str) -> tuple[Plan, invariance.Verdict]:
     def prove():
-        gen = torch.Generator().manual_seed(2)
-        operand = torch.randn(invariance.MAX_BATCH, k, n, generator=gen)
-        return invariance.prove_tiles(lambda a, batch: blas_bmm(a.contiguous(), operand[batch]),
-                                      k, torch.float32, batch=invariance.MAX_BATCH)
+        like = torch.empty(invariance.MAX_BATCH, k, n)
+        # attention's operands are narrow (a head by a split): 128-row tiles are plenty
+        tiles = tuple(t for t in invariance.TILE_CANDIDATES if t <= 128)
+        return invariance.prove_tiles(lambda a, b: blas_bmm(a.contiguous(), b), like, tiles)
 
     return _decided(("bmm", op, k, n, torch.get_num_threads()), prove, op,
                     f"{_shape_label(k, n)} batch<={invariance.MAX_BATCH}", torch.float32)

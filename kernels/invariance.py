@@ -5,17 +5,20 @@ Vendor BLAS picks its kernel by problem shape, operand strides, thread count and
 bits can depend on how many rows came with it (MKL on AMD Zen: 1-3 rows differ from 4 or more;
 on Intel Xeon: 1 row differs from 2 or more). Nothing about that is assumed here. A BLAS call is
 only ever made with a fixed row tile T (rows padded with zeros up to T), and before a shape is
-used each candidate T is run on the real operand:
+used each candidate T is run against a probe operand with the real operand's shape, strides,
+dtype and address alignment, whose values make any change of summation order show in the result
+(products that cancel in pairs, over many binades, so even bfloat16 outputs differ):
 
-- every row position of the tile against its neighbour (the tile rolled by one row, starting at a
-  different address), chaining all T positions, and row 0 against the same row alone in an
-  otherwise zero tile (what a lone request runs);
-- for batched calls, every batch count of `BATCH_COUNTS` against the largest one.
+- every row position of the tile against its neighbour (the tile rolled by one row, starting at
+  another address), chaining all T positions;
+- for batched calls, every batch count of `BATCH_COUNTS` against the largest one;
+- row 0 against the same row computed in a tile of probe rows padded with zeros (alone, where
+  the operand is wide), whose bits are the tile's class signature.
 
-Tiles that pass and give each of `SIGNATURE_ROWS` probe rows the same bits form a class; the
-plan is the class with the largest tile, so any row count is covered by tiles of one class.
-Where no tile passes, the op runs an implementation that owns its reduction order (exact,
-slower) and the report says so.
+Tiles that pass and give the probe rows (`SIGNATURE_ROWS`, or fewer where each has enough
+columns for `SIGNATURE_ELEMENTS` outputs) the same bits form a class; the plan is the class with
+the largest tile, so any row count is covered by tiles of one class. Where no tile passes, the
+op runs an implementation that owns its reduction order (exact, slower) and the report says so.
 """
 
 from collections.abc import Callable
@@ -23,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
+TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LARGE_OPERAND = 1 << 26  # elements: each call reads it all, so only tiles of 4 to 128 rows
 MAX_BATCH = 256
-BATCH_COUNTS = (1, 2, 3, 4, 5, 7, 8, 16, 31, 64, 255, MAX_BATCH)
-SIGNATURE_ROWS = 32
+BATCH_COUNTS = (1, 2, 3, 4, 7, 16, 64, MAX_BATCH - 1, MAX_BATCH)
+SIGNATURE_ROWS = 32  # at most; fewer rows where each has many columns
+SIGNATURE_ELEMENTS = 4096
 
 
 @dataclass(frozen=True)
@@ -67,25 +72,24 @@ class Verdict:
     guaranteed: bool
 
 
-# run(a, batch) computes a [B, T, K] against the operand's batch entries `batch` (a slice of
-# length B) and returns [B, T, N]; for a single-matrix operand the slice is always 0:1.
+# run(a, batch) computes a [B, T, K] against the probe operand's batch entries `batch` (a slice
+# of length B) and returns [B, T, N]; for a single-matrix operand the slice is always 0:1.
 Run = Callable[[torch.Tensor, slice], torch.Tensor]
+# product(a [B, T, K], b [B, K, N] or [K, N]) -> [B, T, N]: the BLAS call being proven.
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _verdicts: dict[tuple, Verdict] = {}
 
 
-def _tile_holds(run: Run, a: torch.Tensor, batch_counts: tuple[int, ...]) -> bool:
-    """Every check of the module docstring, for the tile size of a [B, T, K]."""
+def _tile_holds(run: Run, a: torch.Tensor, full: torch.Tensor,
+                batch_counts: tuple[int, ...]) -> bool:
+    """For the tile a [B, T, K] whose result is `full`: every row position against its
+    neighbour (the tile rolled by one row, at another address), and every batch count."""
     b, t = a.shape[:2]
-    full = run(a, slice(0, b))
     shifted = torch.empty(b, t + 1, a.shape[2], dtype=a.dtype)[:, 1:]
     shifted.copy_(a.roll(1, dims=1))
     rolled = run(shifted, slice(0, b))
     if not (torch.equal(rolled[:, 1:], full[:, :-1]) and torch.equal(rolled[:, 0], full[:, -1])):
-        return False
-    alone = torch.zeros_like(a[:1])
-    alone[0, 0] = a[0, 0]
-    if not torch.equal(run(alone, slice(0, 1))[0, 0], full[0, 0]):
         return False
     if b > 1 and not torch.equal(run(a[-1:].clone(), slice(b - 1, b)), full[-1:]):
         return False
@@ -93,9 +97,9 @@ def _tile_holds(run: Run, a: torch.Tensor, batch_counts: tuple[int, ...]) -> boo
                for count in batch_counts if count < b)
 
 
-def _signature(run: Run, rows: torch.Tensor, t: int) -> bytes:
-    """The bits of `rows` [R, K] (batch entry 0) computed in tiles of t. Tiles giving the same
-    bits form a class; many rows, so that two reduction orders which happen to agree on one row
+def _signature(run: Run, rows: torch.Tensor, t: int) -> torch.Tensor:
+    """`rows` [R, K] (batch entry 0) computed in tiles of t, zero-padded. Tiles giving the same
+    bits form a class; enough outputs that two reduction orders which happen to agree on a few
     are still told apart."""
     outs = []
     for start in range(0, rows.shape[0], t):
@@ -103,22 +107,69 @@ def _signature(run: Run, rows: torch.Tensor, t: int) -> bytes:
         tile = torch.zeros(1, t, rows.shape[1], dtype=rows.dtype)
         tile[0, :len(chunk)] = chunk
         outs.append(run(tile, slice(0, 1))[0, :len(chunk)])
-    return torch.cat(outs).float().numpy().tobytes()
+    return torch.cat(outs)
 
 
-def prove_tiles(run: Run, k: int, dtype: torch.dtype, batch: int = 1,
+def _cancelling(shape: tuple[int, ...], dtype: torch.dtype, pairs: tuple, sign: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """Values over many binades whose products cancel in pairs along k (dim -2 of an operand,
+    -1 of rows): the exact sum is near 0, so the result is the rounding of the partial sums and
+    any change of summation order shows, even after rounding to bfloat16."""
+    width = min(shape[-1], 4096)  # wide operands repeat their columns (only the shape matters)
+    v = torch.randn(*shape[:-1], width, generator=gen)
+    v.mul_(torch.randint(-8, 9, v.shape, generator=gen, dtype=torch.float32).exp2_())
+    v = v.to(dtype)
+    first, second = pairs
+    if sign < 0:  # an operand: pairs along k = dim -2, before its columns repeat
+        v[..., second, :] = -v[..., first, :]
+    v = v.repeat(*[1] * (len(shape) - 1), -(-shape[-1] // width))[..., :shape[-1]]
+    if sign > 0:  # rows: pairs along k = dim -1
+        v[..., second] = v[..., first]
+    return v
+
+
+def _probe_like(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` in a tensor with like's shape, strides, dtype and address modulo 64 bytes."""
+    elt = like.element_size()
+    shift = (like.data_ptr() % 64) // elt
+    span = 1 + sum((size - 1) * stride for size, stride in zip(like.shape, like.stride()))
+    base = torch.empty(span + shift, dtype=like.dtype)
+    probe = base[shift:].as_strided(like.shape, like.stride())
+    probe.copy_(values)
+    return probe
+
+
+def prove_tiles(product: Product, like: torch.Tensor,
                 candidates: tuple[int, ...] | None = None) -> Plan:
-    """The class of row tiles proven invariant for `run` (see the module docstring), the class
-    holding the largest passing tile; an empty plan when no candidate passes."""
-    candidates = candidates or TILE_CANDIDATES
+    """The class of row tiles proven invariant for `product` against an operand like `like`
+    ([K, N], or [B, K, N] for a batched call), the class holding the largest passing tile (see
+    the module docstring); an empty plan when no candidate passes."""
+    large = like.numel() > LARGE_OPERAND
+    candidates = candidates or tuple(t for t in TILE_CANDIDATES if not large or 4 <= t <= 128)
     gen = torch.Generator().manual_seed(0)
-    counts = BATCH_COUNTS if batch > 1 else ()
-    probe = torch.randn(batch, max(candidates), k, generator=gen).to(dtype)
-    rows = torch.randn(SIGNATURE_ROWS, k, generator=gen).to(dtype)
+    batched = like.dim() == 3
+    k, n = like.shape[-2:]
+    perm = torch.randperm(k, generator=gen)
+    pairs = (perm[:k // 2], perm[k // 2:2 * (k // 2)])
+    operand = _probe_like(like, _cancelling(tuple(like.shape), like.dtype, pairs, -1.0, gen))
+
+    def run(a: torch.Tensor, batch: slice) -> torch.Tensor:
+        return product(a, operand[batch] if batched else operand)
+
+    b = like.shape[0] if batched else 1
+    probe = _cancelling((b, max(candidates), k), like.dtype, pairs, 1.0, gen)
+    rows = _cancelling((-(-SIGNATURE_ELEMENTS // n), k), like.dtype, pairs, 1.0, gen)
+    rows = torch.cat([probe[0, :1], rows])[:SIGNATURE_ROWS]  # row 0: the probe's first row
+    counts = BATCH_COUNTS if batched else ()
     classes: dict[bytes, list[int]] = {}
     for t in candidates:
-        if _tile_holds(run, probe[:, :t].contiguous(), counts):
-            classes.setdefault(_signature(run, rows, t), []).append(t)
+        a = probe[:, :t].contiguous()
+        full = run(a, slice(0, b))
+        if not _tile_holds(run, a, full, counts):
+            continue
+        signature = _signature(run, rows, t)
+        if torch.equal(signature[0], full[0, 0]):  # the first row alone (or among others)
+            classes.setdefault(signature.float().numpy().tobytes(), []).append(t)
     if not classes:
         return Plan(())
     return Plan(tuple(max(classes.values(), key=lambda ts: (max(ts), len(ts)))))

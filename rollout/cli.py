@@ -13,16 +13,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (instead of bytes)")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's)")
 
 
 def _engine_kwargs(args) -> dict:
     kwargs = {"dtype": args.dtype}
     if args.device:
         kwargs["device"] = args.device
-    if args.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if args.kv_cache_memory:
-        kwargs["kv_cache_memory"] = args.kv_cache_memory
+    for name in ("max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks", "max_num_seqs",
+                 "max_model_len"):
+        if getattr(args, name):
+            kwargs[name] = getattr(args, name)
     return kwargs
 
 
@@ -96,9 +100,23 @@ def cmd_doctor(args) -> int:
     kwargs.setdefault("num_kv_blocks", 16)
     engine = Engine(args.model, deterministic=not args.fast, **kwargs)
     report = engine.determinism_report()
-    print(f"model: {args.model or 'built-in preset'}")
+    print(f"model: {args.model or 'built-in preset'} (kernel proofs at start: "
+          f"{engine.runner.kernel_prepare_seconds:.1f} s)")
     print(report.format())
     return 0 if report.guaranteed else 1
+
+
+def cmd_serve(args) -> int:
+    try:
+        from integrations.http.serve import serve
+    except ImportError as e:
+        print(f"error: rollout serve needs the serve extra ({e}); pip install "
+              "'rollout-engine[serve]'", file=sys.stderr)
+        return 2
+    from rollout import Engine
+    serve(Engine(args.model, **_engine_kwargs(args)), args.host, args.port, args.api_key,
+          args.served_model_name, args.log_level)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--fast", action="store_true",
                         help="report on deterministic=False (vendor kernels) instead")
     doctor.set_defaults(func=cmd_doctor)
+
+    serve = sub.add_parser("serve", help="SGLang's native HTTP API and the OpenAI API")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every call")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model's name in the OpenAI API (default: the checkpoint "
+                            "directory's name)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     try:

@@ -119,7 +119,7 @@ class Engine:
                                  self.runner.kernel_verdicts)
 
     @property
-    def weight_version(self) -> int:
+    def weight_version(self) -> int | str:
         return self.weights.version
 
     # ------------------------------------------------------------------ the loop
@@ -412,7 +412,7 @@ class Engine:
 
     # ------------------------------------------------------------------ weight updates
 
-    def begin_weight_update(self, version: int | None, manifest: list[TensorMeta]) -> None:
+    def begin_weight_update(self, version: int | str | None, manifest: list[TensorMeta]) -> None:
         """Open a transaction (the manifest is checked first; refused: weights untouched).
         Stepping stops until it commits; transports call this, then load and commit.
         Released weights are taken back first (restored from a backup if there is one)."""
@@ -425,7 +425,7 @@ class Engine:
         with self._control():
             self.weights.load(named_tensors)
 
-    def commit_weight_update(self) -> int:
+    def commit_weight_update(self) -> int | str:
         with self._control():
             version = self.weights.commit()
             self.scheduler.forget_cached_prefixes()  # cached K/V came from the old weights
@@ -438,7 +438,7 @@ class Engine:
             self.weights.abort(reason)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Iterable[Bucket],
-                       version: int | None = None) -> int:
+                       version: int | str | None = None) -> int | str:
         """In-process update from (Hugging Face name, tensor) pairs or flat buckets.
         Returns the new version."""
         items = list(named_tensors)
@@ -452,7 +452,7 @@ class Engine:
             raise
         return self.commit_weight_update()
 
-    def update_weights_from_disk(self, path: str, version: int | None = None) -> int:
+    def update_weights_from_disk(self, path: str, version: int | str | None = None) -> int | str:
         """Load a safetensors checkpoint directory into the existing weights."""
         from rollout.loader import checkpoint_manifest, iter_checkpoint
         self.begin_weight_update(version, checkpoint_manifest(path))
@@ -486,8 +486,8 @@ class Engine:
                                                      world_size, group_name, backend, timeout_s)
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
-                                        group_name: str, version: int | None = None,
-                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
+                                        group_name: str, version: int | str | None = None,
+                                        bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int | str:
         """Receive the trainer's broadcast of these tensors (same order, same bucket size as the
         trainer's `WeightUpdateGroup.send`). A refused manifest still drains the broadcast, so
         the trainer never hangs, then raises."""

@@ -2,6 +2,8 @@
 
 All tensors of a step are built here, in `prepare`."""
 
+import time
+
 import torch
 
 from kernels import get_ops
@@ -36,14 +38,17 @@ class ModelRunner:
         self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
         params = list(self.model.parameters())
         shapes = [p.shape for p in params]
+        offsets = _aligned_offsets(shapes, self.dtype)
         self.weights_arena: Arena = make_arena(
-            "weights", sum(s.numel() for s in shapes), self.dtype, self.device,
-            lambda buf: _bind_parameters(params, shapes, buf))
+            "weights", offsets[-1], self.dtype, self.device,
+            lambda buf: _bind_parameters(params, shapes, offsets, buf))
         trim_host_memory()  # the parameters' first, separate allocations are gone
         self.weights = WeightStore(self.model.weight_targets(),
                                    model_config.tie_word_embeddings)
         self.weights.load_checkpoint(config.model)
+        start = time.perf_counter()
         self.kernel_verdicts = tuple(self.model.prepare_kernels(self.block_size, self.dtype))
+        self.kernel_prepare_seconds = time.perf_counter() - start
         self.sampler = Sampler(self.ops.softmax_parts)
         self.num_blocks = self._num_blocks(max_model_len)
         self.k_cache = self.v_cache = None
@@ -175,14 +180,24 @@ def _spec(row: int, seq: Sequence, eos_token_ids: tuple[int, ...]) -> SampleSpec
                       top_logprobs=p.top_logprobs)
 
 
+_ALIGN_BYTES = 64
+
+
+def _aligned_offsets(shapes: list[torch.Size], dtype: torch.dtype) -> list[int]:
+    """Element offsets of each parameter in the flat weights buffer, each on a 64-byte boundary
+    (as a trainer's separately allocated tensors are: BLAS may pick kernels by alignment), and
+    the buffer's size last."""
+    step = _ALIGN_BYTES // dtype.itemsize
+    offsets, at = [], 0
+    for shape in shapes:
+        offsets.append(at)
+        at += -(-shape.numel() // step) * step
+    return offsets + [at]
+
+
 def _bind_parameters(params: list[torch.nn.Parameter], shapes: list[torch.Size],
-                     buffer: torch.Tensor) -> None:
+                     offsets: list[int], buffer: torch.Tensor) -> None:
     """Make every parameter a view of `buffer` (the same Parameter objects, new storage); an
     empty buffer leaves them empty (released)."""
-    offset = 0
-    for p, shape in zip(params, shapes):
-        if buffer.numel() == 0:
-            p.data = buffer
-            continue
-        p.data = buffer[offset:offset + shape.numel()].view(shape)
-        offset += shape.numel()
+    for p, shape, offset in zip(params, shapes, offsets):
+        p.data = buffer if buffer.numel() == 0 else buffer[offset:offset + shape.numel()].view(shape)

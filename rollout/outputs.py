@@ -15,8 +15,8 @@ class CompletionOutput:
     finish_reason: str | None
     cached_tokens: int
     seed: int
-    weight_version: int | None
-    weight_versions: list[int] = field(default_factory=list)
+    weight_version: int | str | None
+    weight_versions: list[int | str] = field(default_factory=list)
     text: str | None = None
     top_logprobs: list[dict[int, float]] | None = None
     stop_reason: int | str | None = None

@@ -143,7 +143,7 @@ class Scheduler:
         return batch
 
     def postprocess(self, batch: ScheduledBatch, samples: dict[int, Sample],
-                    scores: dict[int, list[float]], weight_version: int | None
+                    scores: dict[int, list[float]], weight_version: int | str | None
                     ) -> tuple[list[Sequence], list[tuple[int, int]]]:
         """Advance the batch's sequences, append their samples (keyed by seq_id, forks
         included) and scores. Returns the sequences that finished and the KV blocks to copy
@@ -183,7 +183,7 @@ class Scheduler:
         self.running.append(child)
         return [copy] if copy else []
 
-    def _append(self, seq: Sequence, sample: Sample, weight_version: int | None,
+    def _append(self, seq: Sequence, sample: Sample, weight_version: int | str | None,
                 finished: list[Sequence]) -> None:
         seq.append(sample.token_id, sample.logprob, sample.top_logprobs)
         seq.note_weight_version(weight_version)

@@ -34,7 +34,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.weight_versions: list[int] = []  # in order; more than one means mixed weights
+        self.weight_versions: list[int | str] = []  # in order; more than one means mixed weights
         self.text = ""
         # siblings (other samples of the same prompt) that fork from this one after its prefill
         self.forks: list["Sequence"] = []
@@ -81,11 +81,11 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     @property
-    def weight_version(self) -> int | None:
+    def weight_version(self) -> int | str | None:
         """The version that produced the latest token."""
         return self.weight_versions[-1] if self.weight_versions else None
 
-    def note_weight_version(self, version: int) -> None:
+    def note_weight_version(self, version: int | str) -> None:
         if not self.weight_versions or self.weight_versions[-1] != version:
             self.weight_versions.append(version)
 

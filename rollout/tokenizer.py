@@ -11,8 +11,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._encode(text)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._decode(token_ids)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._decode(token_ids, skip_special_tokens)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:
@@ -21,11 +21,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
         from tokenizers import Tokenizer as FastTokenizer
         tok = FastTokenizer.from_file(str(path / "tokenizer.json"))
         return Tokenizer(lambda text: tok.encode(text).ids,
-                         lambda ids: tok.decode(ids, skip_special_tokens=True),
+                         lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),
                          tok.get_vocab_size())
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(path))
-        return Tokenizer(tok.encode, lambda ids: tok.decode(ids, skip_special_tokens=True),
+        return Tokenizer(tok.encode, lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),
                          len(tok))
     return None

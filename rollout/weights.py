@@ -8,11 +8,15 @@ incomplete, naming the version, until an update covering every half-written tens
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 
 from rollout.models import WeightTarget
 from weight_sync.buckets import TensorMeta, dtype_from_name
+
+
+Version = int | str  # SGLang and slime name versions with strings
 
 
 class IncompleteWeightsError(RuntimeError):
@@ -21,7 +25,7 @@ class IncompleteWeightsError(RuntimeError):
 
 @dataclass
 class _Transaction:
-    version: int
+    version: Version
     names: set[str]
     loaded: set[str] = field(default_factory=set)
 
@@ -38,7 +42,7 @@ class WeightStore:
         self.targets = targets
         # names a trainer's named_parameters() holds (a tied lm_head is the embedding itself)
         self.canonical = sorted(n for n in targets if not (tied and n == "lm_head.weight"))
-        self.version = 0
+        self.version: Version = 0
         self.txn: _Transaction | None = None
         self.broken: Incomplete | None = None
 
@@ -71,12 +75,32 @@ class WeightStore:
             raise ValueError(f"weight update refused, weights untouched; {len(problems)} "
                              "problem(s):\n  " + "\n  ".join(problems))
 
-    def begin(self, version: int | None, manifest: list[TensorMeta]) -> None:
+    def begin(self, version: Version | None, manifest: list[TensorMeta]) -> None:
         if self.txn is not None:
             raise RuntimeError(f"an update to version {self.txn.version} is already open")
+        version = self._next_version(version)
         self.validate(manifest)
-        version = self.version + 1 if version is None else int(version)
         self.txn = _Transaction(version, {m.name for m in manifest})
+
+    def _next_version(self, version: Version | None) -> Version:
+        """The given version (an int or a non-empty string), else the current one plus 1."""
+        if version is None:
+            if isinstance(self.version, str):
+                raise ValueError(f"the weights are at version {self.version!r}, a string: give the "
+                                 "update its version (no number follows a string)")
+            return self.version + 1
+        if isinstance(version, Integral) and not isinstance(version, bool):
+            return int(version)
+        if isinstance(version, str) and version:
+            return version
+        raise ValueError(f"weight version {version!r} must be an int or a non-empty string")
+
+    def relabel(self, version: Version) -> None:
+        """Name the current weights `version` without changing them."""
+        if self.txn is not None:
+            raise RuntimeError(f"an update to version {self.txn.version} is open; relabel after "
+                               "it commits")
+        self.version = self._next_version(version)
 
     def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         txn = self.txn
@@ -92,7 +116,7 @@ class WeightStore:
             target.view().copy_(tensor, non_blocking=True)
             txn.loaded.add(name)
 
-    def commit(self) -> int:
+    def commit(self) -> Version:
         txn = self.txn
         if txn is None:
             raise RuntimeError("commit outside an update")

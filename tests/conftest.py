@@ -43,3 +43,21 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen3_path(checkpoints):
     return checkpoints("qwen3")
+
+
+REPORT = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def report(request):
+    """report(line): shown in pytest's summary whether or not output is captured (numbers a
+    test measures, such as server latencies)."""
+    return request.config.stash.setdefault(REPORT, []).append
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    lines = config.stash.get(REPORT, [])
+    if lines:
+        terminalreporter.section("measured")
+        for line in lines:
+            terminalreporter.write_line(line)

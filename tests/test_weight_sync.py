@@ -251,3 +251,20 @@ def test_update_drops_prefix_cache_entries_of_older_weights(engine, qwen3_path):
     out = engine.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
     assert out.cached_tokens == 0
     assert_matches(model, [prompt], [[out.token_ids, out.logprobs]])
+
+
+def test_string_weight_versions(engine, qwen3_path):
+    """SGLang and slime name versions with strings; outputs carry them as given."""
+    named = list(trained(qwen3_path, 15).named_parameters())
+    assert engine.update_weights(named, version="step-15") == "step-15"
+    assert {o.outputs[0].weight_version for o in engine.generate(PROMPTS, GREEDY,
+                                                                 use_tqdm=False)} == {"step-15"}
+    before = engine.weights_checksum()
+    with pytest.raises(ValueError, match="version 'step-15', a string: give the update its"):
+        engine.update_weights(list(trained(qwen3_path, 16).named_parameters()))
+    assert engine.weights_checksum() == before and engine.weight_version == "step-15"
+    engine.weights.relabel("step-15b")
+    assert engine.generate([[1, 2]], GREEDY, use_tqdm=False)[0].outputs[0].weight_version == \
+        "step-15b"
+    assert engine.update_weights(named, version=16) == 16
+    assert engine.update_weights(named) == 17

@@ -14,6 +14,14 @@ from weight_sync.buckets import (DEFAULT_BUCKET_BYTES, TensorMeta, bucket_size, 
 BACKENDS = ("gloo", "nccl")
 
 
+def _group_store(store: dist.Store, group_name: str, backend: str) -> dist.Store:
+    """The keys torch's own group creation uses for a named group rendezvousing at a tcp://
+    address (how SGLang and slime make this group), so either end may be theirs."""
+    device = "cuda" if backend == "nccl" else "cpu"
+    return dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/",
+                                                           dist.PrefixStore(group_name, store)))
+
+
 class WeightUpdateGroup:
     """One member of a weight-update group. Rank 0 is the trainer and hosts the rendezvous."""
 
@@ -26,7 +34,7 @@ class WeightUpdateGroup:
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0,
                               timeout=timeout)
-        self.store = dist.PrefixStore(group_name, store)
+        self.store = _group_store(store, group_name, backend)
         if backend == "gloo":
             self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
         else:

@@ -28,9 +28,9 @@ MODES = ("bytes", "handle")
 class WeightSink(Protocol):
     """What a receiver drives: the engine's transactional in-place loader."""
 
-    def begin(self, version: int | None, manifest: list[TensorMeta]) -> None: ...
+    def begin(self, version: int | str | None, manifest: list[TensorMeta]) -> None: ...
     def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
-    def commit(self) -> int: ...
+    def commit(self) -> int | str: ...
     def abort(self, reason: str) -> None: ...
 
 
@@ -148,7 +148,7 @@ class ZmqWeightSender:
         return out
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-             version: int | None = None) -> int:
+             version: int | str | None = None) -> int | str:
         """Push the tensors as one versioned update; returns the engine's new version."""
         named = {n: t.detach() for n, t in named_tensors}
         plan = self.begin(named, version)
@@ -156,7 +156,7 @@ class ZmqWeightSender:
             self.send_bucket(named, metas)
         return self.commit()
 
-    def begin(self, named: dict[str, torch.Tensor], version: int | None = None
+    def begin(self, named: dict[str, torch.Tensor], version: int | str | None = None
               ) -> list[list[TensorMeta]]:
         """Open the update (the engine validates the whole manifest now); returns the buckets
         to send, in order."""
@@ -194,7 +194,7 @@ class ZmqWeightSender:
             torch.cuda.current_stream(device).synchronize()
             self._send({**header, "cuda_ipc": pickle.dumps(reduce_tensor(buf))})
 
-    def commit(self) -> int:
+    def commit(self) -> int | str:
         return self._request({"op": "commit"})["version"]
 
     def close(self) -> None:

@@ -1,0 +1,293 @@
+"""`rollout serve` driven exactly as slime drives SGLang: concurrent /generate posts with
+input_ids, abort-all while they run with /v1/loads polled until drained, and weight sync
+rounds (pause, flush, an update from a separate trainer process, continue; release and staged
+resume) after which outputs match the new weights and carry the new version string."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests.peers import trained
+from tests.serving import REPO, env, free_port, rollout_serve
+from tests.test_weight_sync import assert_matches
+
+PROMPTS = [[(i * 37 + j * 11) % 250 + 1 for j in range(4 + i % 9)] for i in range(16)]
+LONG = 600  # tokens: still running when aborted or paused
+
+
+def slime_payload(prompt: list[int], max_new_tokens: int, seed: int | None = None,
+                  temperature: float = 1.0) -> dict:
+    """What slime's generate() posts (sglang_rollout.py), sampling_seed as in its deterministic
+    mode; ignore_eos keeps the random model's samples running to max_new_tokens."""
+    params = dict(temperature=temperature, top_p=1.0, top_k=-1, max_new_tokens=max_new_tokens,
+                  stop=None, stop_token_ids=None, skip_special_tokens=False, no_stop_trim=True,
+                  spaces_between_special_tokens=False, ignore_eos=True)
+    if seed is not None:
+        params["sampling_seed"] = seed
+    return {"input_ids": prompt, "sampling_params": params, "return_logprob": True}
+
+
+def greedy(prompt: list[int], max_new_tokens: int = 6) -> dict:
+    return slime_payload(prompt, max_new_tokens, temperature=0.0)
+
+
+def tokens_and_logprobs(answer: dict) -> list:
+    pairs = answer["meta_info"]["output_token_logprobs"]
+    return [[t for _, t, _ in pairs], [lp for lp, _, _ in pairs]]
+
+
+@pytest.fixture(scope="module")
+def server(qwen3_path):
+    with rollout_serve(qwen3_path, "--num-kv-blocks", "1024") as served:
+        yield served
+
+
+def run_peer(role: str, **kwargs) -> dict:
+    """A trainer process. Its output goes to files, not pipes: torch's shared-memory manager,
+    which it starts, outlives it and would hold a pipe open."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.peers", role, json.dumps(kwargs)],
+                                cwd=REPO, env=env(), stdout=out, stderr=err)
+        code = proc.wait(timeout=300)
+        out.seek(0), err.seek(0)
+        assert code == 0, err.read()[-4000:]
+        return json.loads(out.read().strip().splitlines()[-1])
+
+
+async def until(check, timeout_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def load(client) -> dict:
+    reply = await client.get("/v1/loads", params={"include": "core"})
+    assert reply.status_code == 200
+    return reply.json()["loads"][0]
+
+
+async def running_at_least(client, n: int) -> None:
+    async def check():
+        return (await load(client))["num_running_reqs"] >= n
+    await until(check, what=f"{n} running requests")
+
+
+async def check_new_weights(client, qwen3_path, seed: int, version: str) -> None:
+    """Greedy outputs equal the trained model's (argmax, log-probs within 1e-4), tagged with
+    the new version."""
+    answers = [(await client.post("/generate", json=greedy(p))).json() for p in PROMPTS[:4]]
+    assert {a["meta_info"]["weight_version"] for a in answers} == {version}
+    assert_matches(trained(qwen3_path, seed), PROMPTS[:4], [tokens_and_logprobs(a)
+                                                            for a in answers])
+    reply = await client.get("/get_weight_version")
+    assert reply.json() == {"weight_version": version}
+
+
+def test_abort_all_returns_partial_outputs_and_loads_drain(server):
+    async def scenario():
+        async with server.async_client() as client:
+            posts = [asyncio.create_task(client.post("/generate", json=slime_payload(p, LONG, i)))
+                     for i, p in enumerate(PROMPTS)]
+            await running_at_least(client, len(PROMPTS))
+            await asyncio.sleep(0.3)
+            reply = await client.post("/abort_request", json={"abort_all": True})
+            assert reply.status_code == 200 and reply.json()["success"]
+
+            async def drained():
+                now = await load(client)
+                return now["num_running_reqs"] + now["num_waiting_reqs"] == 0
+            await until(drained, 30, "the aborts to drain")
+            answers = [r.json() for r in await asyncio.gather(*posts)]
+            for answer in answers:
+                meta = answer["meta_info"]
+                assert meta["finish_reason"]["type"] == "abort"
+                assert 1 <= meta["completion_tokens"] == len(meta["output_token_logprobs"]) < LONG
+                assert answer["output_ids"] == tokens_and_logprobs(answer)[0]
+            # partial outputs are the same request's first tokens: rerun up to that length
+            for i in (0, 7, 15):
+                partial = answers[i]["meta_info"]["completion_tokens"]
+                again = (await client.post("/generate", json=slime_payload(
+                    PROMPTS[i], partial, i))).json()
+                assert again["meta_info"]["finish_reason"] == {"type": "length",
+                                                              "length": partial}
+                assert tokens_and_logprobs(again) == tokens_and_logprobs(answers[i])
+            # slime resubmits prompt + partial response for the remaining budget
+            partial = answers[3]["output_ids"]
+            rest = (await client.post("/generate", json=slime_payload(
+                PROMPTS[3] + partial, 20, 3))).json()
+            assert rest["meta_info"]["prompt_tokens"] == len(PROMPTS[3]) + len(partial)
+            assert rest["meta_info"]["completion_tokens"] == 20
+    asyncio.run(scenario())
+
+
+def test_pause_flush_update_from_tensor_continue(server, qwen3_path):
+    async def scenario():
+        async with server.async_client() as client:
+            posts = [asyncio.create_task(client.post("/generate", json=slime_payload(p, LONG, i)))
+                     for i, p in enumerate(PROMPTS[:4])]
+            await running_at_least(client, 4)
+            reply = await client.post("/pause_generation", json={})  # slime's call: mode abort
+            assert reply.status_code == 200
+            for answer in [r.json() for r in await asyncio.gather(*posts)]:
+                assert answer["meta_info"]["finish_reason"]["type"] == "abort"
+                assert answer["meta_info"]["weight_version"] == "0"
+            late = asyncio.create_task(client.post("/generate", json=greedy(PROMPTS[5])))
+            await asyncio.sleep(0.5)
+            assert not late.done() and (await load(client))["num_waiting_reqs"] == 1
+            assert (await client.get("/flush_cache")).status_code == 200
+            result = await asyncio.to_thread(run_peer, "tensor_trainer", url=server.url,
+                                             path=str(qwen3_path), seed=21, version="step-21",
+                                             bucket_bytes=1 << 16)
+            assert result["buckets"] > 1
+            assert not late.done()
+            assert (await client.post("/continue_generation", json={})).status_code == 200
+            answer = (await late).json()
+            assert answer["meta_info"]["weight_version"] == "step-21"
+            assert_matches(trained(qwen3_path, 21), [PROMPTS[5]], [tokens_and_logprobs(answer)])
+            await check_new_weights(client, qwen3_path, 21, "step-21")
+    asyncio.run(scenario())
+
+
+def test_retract_then_update_through_a_gloo_group(server, qwen3_path):
+    async def scenario():
+        async with server.async_client() as client:
+            posts = [asyncio.create_task(client.post("/generate", json=slime_payload(p, 300, i)))
+                     for i, p in enumerate(PROMPTS[:4])]
+            await running_at_least(client, 4)
+            reply = await client.post("/pause_generation", json={"mode": "retract"})
+            assert reply.status_code == 200
+            assert (await load(client))["num_running_reqs"] == 0
+            assert (await client.post("/flush_cache")).status_code == 200
+            await asyncio.to_thread(run_peer, "group_trainer", url=server.url,
+                                    path=str(qwen3_path), seed=22, version="step-22",
+                                    master_port=free_port())
+            assert (await client.post("/continue_generation")).status_code == 200
+            for answer in [r.json() for r in await asyncio.gather(*posts)]:
+                meta = answer["meta_info"]  # retracted, recomputed, finished on the new weights
+                assert meta["finish_reason"] == {"type": "length", "length": 300}
+                assert meta["weight_version"] == "step-22"
+            await check_new_weights(client, qwen3_path, 22, "step-22")
+    asyncio.run(scenario())
+
+
+def test_release_and_staged_resume_around_an_update(server, qwen3_path):
+    async def scenario():
+        async with server.async_client() as client:
+            reply = await client.post("/release_memory_occupation", json={})
+            assert reply.status_code == 200 and reply.json()["success"]
+            released = (await client.get("/get_server_info")).json()["memory"]["released"]
+            assert released["weights"] > 0 and released["kv_cache"] > 0
+            refused = await client.post("/generate", json=greedy(PROMPTS[0]))
+            assert refused.status_code == 409 and "released" in refused.json()["message"]
+            reply = await client.post("/resume_memory_occupation", json={"tags": ["weights"]})
+            assert reply.status_code == 200
+            await asyncio.to_thread(run_peer, "tensor_trainer", url=server.url,
+                                    path=str(qwen3_path), seed=23, version="step-23",
+                                    bucket_bytes=1 << 18, load_format=None)
+            reply = await client.post("/resume_memory_occupation",
+                                      json={"tags": ["kv_cache", "cuda_graph"]})
+            assert reply.status_code == 200
+            memory = (await client.get("/get_server_info")).json()["memory"]
+            assert memory["released"] == {"weights": 0, "kv_cache": 0}
+            await check_new_weights(client, qwen3_path, 23, "step-23")
+    asyncio.run(scenario())
+
+
+def test_probes_and_logs(server):
+    with server.client() as client:
+        assert client.get("/health_generate").status_code == 200
+        for path in ("/model_info", "/get_model_info"):
+            assert client.get(path).json()["is_generation"] is True
+        for path in ("/server_info", "/get_server_info"):
+            info = client.get(path).json()
+            assert (info["tp_size"], info["dp_size"], info["pp_size"], info["ep_size"]) == \
+                (1, 1, 1, 1)
+            assert info["enable_memory_saver"] is True and info["dtype"] == "float32"
+    log = server.log()
+    assert "Uvicorn running on http://127.0.0.1:" in log  # loopback unless told otherwise
+    assert '"POST /generate" 200' in log and '"POST /abort_request" 200' in log
+
+
+def events(reply) -> list:
+    lines = [line for line in reply.text.split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_answer_shapes_streams_and_stops(server):
+    with server.client() as client:
+        single = client.post("/generate", json=greedy(PROMPTS[1], 8)).json()
+        streamed = events(client.post("/generate", json=greedy(PROMPTS[1], 8) | {"stream": True}))
+        assert [len(e["output_ids"]) for e in streamed] == sorted({len(e["output_ids"])
+                                                                  for e in streamed})
+        assert streamed[-1]["output_ids"] == single["output_ids"]
+        assert streamed[-1]["meta_info"]["output_token_logprobs"] == \
+            single["meta_info"]["output_token_logprobs"]
+
+        # as SGLang's router re-serializes a request: its defaults for the fields it knows
+        routed = greedy(PROMPTS[1], 8) | {
+            "return_text_in_logprobs": False, "stream": False, "log_metrics": True,
+            "return_hidden_states": False, "background": False, "no_logs": False,
+            "return_bytes": False, "return_entropy": False}
+        assert client.post("/generate", json=routed).json()["output_ids"] == single["output_ids"]
+
+        batch = slime_payload([PROMPTS[1], PROMPTS[2]], 5, seed=3)  # a batch of two, n=2
+        batch["sampling_params"]["n"] = 2
+        answers = client.post("/generate", json=batch).json()
+        assert len(answers) == 4 and len({a["meta_info"]["id"] for a in answers}) == 2
+        finals = {}
+        for e in events(client.post("/generate", json=batch | {"stream": True})):
+            finals[e["index"]] = e
+        assert [finals[i]["output_ids"] for i in range(4)] == [a["output_ids"] for a in answers]
+
+        # a stop token: trimmed, unless no_stop_trim (then included and counted)
+        stop = single["output_ids"][3]
+        first = single["output_ids"].index(stop)
+        for keep in (True, False):
+            payload = greedy(PROMPTS[1], 8)
+            payload["sampling_params"] |= {"stop_token_ids": [stop], "no_stop_trim": keep}
+            meta = (answer := client.post("/generate", json=payload).json())["meta_info"]
+            assert meta["finish_reason"] == {"type": "stop", "matched": stop}
+            kept = first + 1 if keep else first
+            assert answer["output_ids"] == single["output_ids"][:kept]
+            assert meta["completion_tokens"] == len(meta["output_token_logprobs"]) == kept
+
+
+
+def test_scoring_a_prompt_gives_the_generation_logprobs(server):
+    """slime's on-policy distillation: max_new_tokens 0, logprob_start_len 0, reading
+    input_token_logprobs[1:]; the engine scores with the bits generation returned."""
+    with server.client() as client:
+        single = client.post("/generate", json=greedy(PROMPTS[1], 8)).json()
+        sequence = PROMPTS[1] + single["output_ids"]
+        scored = client.post("/generate", json={
+            "input_ids": sequence, "return_logprob": True, "logprob_start_len": 0,
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0}}).json()
+        inputs = scored["meta_info"]["input_token_logprobs"]
+        assert scored["output_ids"] == [] and inputs[0] == [None, sequence[0], None]
+        assert [t for _, t, _ in inputs] == sequence
+        assert inputs[len(PROMPTS[1]):] == single["meta_info"]["output_token_logprobs"]
+
+
+def test_update_from_disk_and_weight_version_label(server, qwen3_path, tmp_path):
+    trained(qwen3_path, 24).save_pretrained(tmp_path / "step-24")
+    with server.client() as client:
+        reply = client.post("/update_weights_from_disk", json={
+            "model_path": str(tmp_path / "step-24"), "weight_version": "step-24"})
+        assert reply.status_code == 200 and reply.json()["success"], reply.text
+        answers = [client.post("/generate", json=greedy(p)).json() for p in PROMPTS[:4]]
+        assert {a["meta_info"]["weight_version"] for a in answers} == {"step-24"}
+        assert_matches(trained(qwen3_path, 24), PROMPTS[:4], [tokens_and_logprobs(a)
+                                                              for a in answers])
+        reply = client.post("/update_weight_version", json={"new_version": "step-24b"})
+        assert reply.status_code == 200 and reply.json()["new_version"] == "step-24b"
+        assert client.get("/get_weight_version").json() == {"weight_version": "step-24b"}
+        again = client.post("/generate", json=greedy(PROMPTS[0])).json()
+        assert again["meta_info"]["weight_version"] == "step-24b"
+        assert again["output_ids"] == answers[0]["output_ids"]
