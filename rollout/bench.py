@@ -1,100 +1,21 @@
 """Benchmarks behind `rollout bench`: each suite measures a baseline in the same run and reports
 ratios next to absolute numbers, with the machine it ran on."""
 
-import gc
 import json
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rollout.bench_throughput import bench_throughput
+from rollout.bench_workload import BenchOptions, SuiteResult, Workload
 from rollout.engine import Engine
+from rollout.presets import preset_path
 from rollout.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A GRPO-shaped batch: `num_prompts` prompts, `n` samples each."""
-    num_prompts: int = 16
-    n: int = 4
-    prompt_len: int = 128
-    max_tokens: int = 32
-    seed: int = 0
-
-    def prompts(self, vocab: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed)
-        return [torch.randint(0, min(vocab, 256), (self.prompt_len,), generator=g).tolist()
-                for _ in range(self.num_prompts)]
-
-    def params(self) -> SamplingParams:
-        return SamplingParams(temperature=1.0, n=self.n, max_tokens=self.max_tokens,
-                              seed=self.seed, ignore_eos=True)
-
-
-@dataclass
-class ThroughputResult:
-    label: str
-    seconds: float
-    prompt_tokens: int
-    output_tokens: int
-    steps: int
-
-    @property
-    def output_tok_s(self) -> float:
-        return self.output_tokens / self.seconds
-
-    @property
-    def total_tok_s(self) -> float:
-        return (self.prompt_tokens + self.output_tokens) / self.seconds
-
-
-def run_throughput(engine: Engine, workload: Workload, label: str) -> ThroughputResult:
-    prompts = workload.prompts(engine.model_config.vocab_size)
-    engine.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
-    stats = engine.scheduler.stats
-    steps0, prefill0 = stats.steps, stats.prefill_tokens
-    start = time.perf_counter()
-    outputs = engine.generate(prompts, workload.params(), use_tqdm=False)
-    seconds = time.perf_counter() - start
-    out_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return ThroughputResult(label, seconds, stats.prefill_tokens - prefill0, out_tokens,
-                            stats.steps - steps0)
-
-
-def bench_throughput(model: str | None, workload: Workload, **engine_kwargs) -> list[str]:
-    """Deterministic (batch-invariant) kernels against the fastest plain torch ops, for each
-    dtype (float32 and bfloat16 unless one is named)."""
-    dtype = engine_kwargs.pop("dtype", "auto")
-    dtypes = ["float32", "bfloat16"] if dtype == "auto" else [dtype]
-    lines = [f"throughput: {workload.num_prompts} prompts x n={workload.n}, "
-             f"{workload.prompt_len} prompt tokens, {workload.max_tokens} output tokens each",
-             f"  {'dtype':<10}{'mode':<22}{'seconds':>9}{'steps':>7}{'prefill tok':>13}"
-             f"{'output tok/s':>14}{'total tok/s':>13}"]
-    costs = []
-    for dt in dtypes:
-        results, proofs = [], 0.0
-        for deterministic in (False, True):
-            engine = Engine(model, dtype=dt, deterministic=deterministic, **engine_kwargs)
-            label = "deterministic=True" if deterministic else "deterministic=False"
-            results.append(run_throughput(engine, workload, label))
-            proofs = engine.runner.kernel_prepare_seconds
-            engine.shutdown()
-            del engine
-            gc.collect()
-        for r in results:
-            lines.append(f"  {dt:<10}{r.label:<22}{r.seconds:>9.2f}{r.steps:>7}"
-                         f"{r.prompt_tokens:>13}{r.output_tok_s:>14.1f}{r.total_tok_s:>13.1f}")
-        fast, det = results
-        costs.append(f"  cost of deterministic=True, {dt}: "
-                     f"{(fast.total_tok_s / det.total_tok_s - 1) * 100:+.1f}% time (throughput "
-                     f"ratio det/fast = {det.total_tok_s / fast.total_tok_s:.3f}; proofs at "
-                     f"start {proofs:.1f} s, not timed)")
-    return lines + costs
 
 
 def _peer(role: str, **kwargs) -> subprocess.Popen:
@@ -115,14 +36,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_weight_sync(model: str | None, workload: Workload, **engine_kwargs) -> list[str]:
+def bench_weight_sync(model: str | None, workload: Workload, options: BenchOptions,
+                      **engine_kwargs) -> SuiteResult:
     """GB/s of a full weight update through each transport, next to a plain copy of the same
     tensors into same-shaped, already-touched tensors (the least an in-place update must do),
     all in this run. Each transport sends twice with one sender, as a trainer does every step:
     the first includes one-time setup (connections, shared-memory pages), the second is the
     steady state. The trainer holds float32 weights; bytes counted are the trainer's."""
     from rollout.bench_peers import trainer_weights
-    from rollout.presets import preset_path
     path = model or str(preset_path())
     engine = Engine(path, num_kv_blocks=16, **engine_kwargs)
     named = trainer_weights(path)
@@ -184,13 +105,18 @@ def bench_weight_sync(model: str | None, workload: Workload, **engine_kwargs) ->
     lines = [f"weight-sync: {nbytes / 1e6:.0f} MB of float32 trainer weights into a "
              f"{engine.runner.dtype} engine, buckets of {bucket >> 20} MiB",
              f"  {'transport':<40}{'first s':>9}{'steady s':>10}{'GB/s':>8}{'vs copy':>9}"]
+    data = {"bytes": nbytes, "bucket_bytes": bucket, "engine_dtype": str(engine.runner.dtype),
+            "transports": {}}
     for label, (first, steady) in rows:
         gbs = nbytes / steady / 1e9
         lines.append(f"  {label:<40}{first:>9.3f}{steady:>10.3f}{gbs:>8.2f}{gbs / base:>8.0%}")
-    return lines
+        data["transports"][label] = {"first_s": first, "steady_s": steady, "gb_per_s": gbs,
+                                     "vs_copy": gbs / base}
+    return SuiteResult(lines, data)
 
 
-def bench_memory(model: str | None, workload: Workload, **engine_kwargs) -> list[str]:
+def bench_memory(model: str | None, workload: Workload, options: BenchOptions,
+                 **engine_kwargs) -> SuiteResult:
     """Release and resume times, with the process's resident memory read from the OS, next to
     a plain copy of the weight bytes measured in the same run."""
     from rollout.memory import resident_bytes
@@ -215,13 +141,16 @@ def bench_memory(model: str | None, workload: Workload, **engine_kwargs) -> list
               lambda: engine.resume_memory(["weights"])),
              ("resume kv_cache", lambda: engine.resume_memory(["kv_cache"]))]
     lines.append(f"  {'(start)':<46}{'':>9}{resident_bytes() / 1e6:>16.0f}")
+    data = {"weight_bytes": stats["weights"], "kv_cache_bytes": stats["kv_cache"],
+            "copy_s": copy_s, "rss_start": resident_bytes(), "steps": {}}
     for label, action in steps:
         start = time.perf_counter()
         action()
-        lines.append(f"  {label:<46}{time.perf_counter() - start:>9.3f}"
-                     f"{resident_bytes() / 1e6:>16.0f}")
+        seconds, rss = time.perf_counter() - start, resident_bytes()
+        lines.append(f"  {label:<46}{seconds:>9.3f}{rss / 1e6:>16.0f}")
+        data["steps"][label] = {"seconds": seconds, "rss_after": rss}
     engine.shutdown()
-    return lines
+    return SuiteResult(lines, data)
 
 
 SUITES = {"throughput": bench_throughput, "weight-sync": bench_weight_sync,

@@ -60,13 +60,22 @@ def cmd_bench(args) -> int:
         print(f"unknown bench suite(s) {unknown}; suites: {', '.join(bench.SUITES)}",
               file=sys.stderr)
         return 2
-    workload = bench.Workload(args.num_prompts, args.n, args.prompt_len, args.max_tokens)
-    print(f"machine: {machine()}")
-    print(f"model: {args.model or 'built-in preset ' + DEFAULT_PRESET}")
+    workload = bench.Workload(args.num_prompts, args.n, args.min_prompt_len,
+                              args.max_prompt_len, args.max_tokens, args.seed)
+    options = bench.BenchOptions(tuple(args.baseline or ()), args.hf_prompts_per_call,
+                                 not args.no_progress)
+    report = {"machine": machine(), "model": args.model or f"built-in preset {DEFAULT_PRESET}",
+              "command": "rollout " + " ".join(sys.argv[1:]), "suites": {}}
+    print(f"machine: {report['machine']}\nmodel: {report['model']}")
     for name in suites:
-        for line in bench.SUITES[name](args.model, workload, **_engine_kwargs(args)):
-            print(line, flush=True)
+        result = bench.SUITES[name](args.model, workload, options, **_engine_kwargs(args))
+        print("\n".join(result.lines), flush=True)
+        report["suites"][name] = result.data
         gc.collect()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -143,10 +152,21 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks, each against a baseline in the same run")
     _engine_args(bench)
     bench.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    bench.add_argument("--baseline", action="append", choices=["hf", "vllm"],
+                       help="also run the throughput workload through transformers generate "
+                            "(hf) or vLLM's offline LLM.generate (vllm, when installed); "
+                            "repeatable")
+    bench.add_argument("--json", metavar="PATH", help="write every figure to PATH as JSON")
     bench.add_argument("--num-prompts", type=int, default=16)
-    bench.add_argument("--n", type=int, default=4)
-    bench.add_argument("--prompt-len", type=int, default=128)
-    bench.add_argument("--max-tokens", type=int, default=32)
+    bench.add_argument("--n", type=int, default=4, help="samples per prompt")
+    bench.add_argument("--min-prompt-len", type=int, default=64)
+    bench.add_argument("--max-prompt-len", type=int, default=256)
+    bench.add_argument("--max-tokens", type=int, default=32,
+                       help="longest response; lengths spread over [max/4, max]")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--hf-prompts-per-call", type=int, default=4,
+                       help="prompts per transformers generate call (x n sequences)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(func=cmd_bench)
 
     doctor = sub.add_parser("doctor", help="what runs on this machine, and whether batch "

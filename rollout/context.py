@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rollout.phases import NO_TIMER, PhaseTimer
+
 
 @dataclass
 class PrefillSegment:
@@ -23,6 +25,7 @@ class ForwardContext:
     decode_start: int = 0
     decode_block_tables: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
+    timer: PhaseTimer = NO_TIMER
 
 
 _current: list[ForwardContext] = []

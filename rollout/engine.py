@@ -126,13 +126,17 @@ class Engine:
 
     def step(self) -> None:
         """Schedule, run, postprocess: one forward pass over the running batch."""
-        batch = self.scheduler.schedule()
+        timer = self.runner.timer
+        with timer.span("schedule"):
+            batch = self.scheduler.schedule()
         if not batch:
             return
         samples, scores = self.runner.run(batch, self.model_config.eos_token_ids)
-        finished, copies = self.scheduler.postprocess(batch, samples, scores, self.weight_version)
-        self.runner.copy_blocks(copies)
-        self._emit({s.request_id for s in batch.sampling} | {s.request_id for s in finished})
+        with timer.span("postprocess"):
+            finished, copies = self.scheduler.postprocess(batch, samples, scores,
+                                                          self.weight_version)
+            self.runner.copy_blocks(copies)
+            self._emit({s.request_id for s in batch.sampling} | {s.request_id for s in finished})
 
     def _can_step(self) -> bool:
         return (not self._paused and self.weights.txn is None and self.weights.broken is None

@@ -11,6 +11,7 @@ from rollout.config import EngineConfig, ModelConfig
 from rollout.context import ForwardContext, PrefillSegment, forward_context
 from rollout.loader import build_model
 from rollout.memory import Arena, make_arena, trim_host_memory
+from rollout.phases import PhaseTimer
 from rollout.sampler import Sampler, SampleSpec
 from rollout.scheduler import Sample, ScheduledBatch
 from rollout.sequence import Sequence
@@ -50,6 +51,7 @@ class ModelRunner:
         self.kernel_verdicts = tuple(self.model.prepare_kernels(self.block_size, self.dtype))
         self.kernel_prepare_seconds = time.perf_counter() - start
         self.sampler = Sampler(self.ops.softmax_parts)
+        self.timer = PhaseTimer(self.device)
         self.num_blocks = self._num_blocks(max_model_len)
         self.k_cache = self.v_cache = None
         cfg = model_config
@@ -123,7 +125,8 @@ class ModelRunner:
             prefills.append(PrefillSegment(
                 start, start + n, torch.tensor(seq.block_table[:blocks], device=device),
                 torch.arange(first, first + n, device=device)))
-        ctx = ForwardContext(slot_mapping=torch.empty(0), prefills=prefills, decode_start=len(ids))
+        ctx = ForwardContext(slot_mapping=torch.empty(0), prefills=prefills, decode_start=len(ids),
+                             timer=self.timer)
         if batch.decodes:
             width = max(len(seq.block_table) for seq in batch.decodes)
             tables = [seq.block_table + [0] * (width - len(seq.block_table))
@@ -143,29 +146,41 @@ class ModelRunner:
             ) -> tuple[dict[int, Sample], dict[int, list[float]]]:
         """One step: forward the batch, sample every generating sequence whose last token was
         computed, and price the response tokens of scoring sequences computed this step."""
-        rows, specs, scoring = [], [], []
-        start = 0
-        for seq, n in [*batch.prefills, *((s, 1) for s in batch.decodes)]:
-            first = seq.num_computed_tokens
-            if seq.score_from is not None:
-                lo, hi = max(first, seq.score_from - 1), min(first + n, seq.num_tokens - 1)
-                if hi > lo:
-                    scoring.append((seq, len(rows), seq.token_ids[lo + 1:hi + 1]))
-                    rows += range(start + lo - first, start + hi - first)
-            elif first + n == seq.num_tokens:
-                rows.append(start + n - 1)
-                specs += [_spec(len(rows) - 1, t, eos_token_ids) for t in (seq, *seq.forks)]
-            start += n
-        input_ids, positions, ctx = self.prepare(batch)
-        with forward_context(ctx):
-            hidden = self.model(input_ids, positions)
-        if not rows:
-            return {}, {}
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        scores = {seq.seq_id: self.sampler.score(logits[at:at + len(targets)], targets,
-                                                 seq.params.temperature)
-                  for seq, at, targets in scoring}
-        return self.sampler(logits, specs), scores
+        timer = self.timer
+        with timer.span("prepare"):
+            rows, specs, scoring = _logit_rows(batch, eos_token_ids)
+            input_ids, positions, ctx = self.prepare(batch)
+        with timer.span("prefill forward" if batch.prefills else "decode forward"):
+            with forward_context(ctx):
+                hidden = self.model(input_ids, positions)
+            if not rows:
+                return {}, {}
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        with timer.span("sampling"):
+            scores = {seq.seq_id: self.sampler.score(logits[at:at + len(targets)], targets,
+                                                     seq.params.temperature)
+                      for seq, at, targets in scoring}
+            return self.sampler(logits, specs), scores
+
+
+def _logit_rows(batch: ScheduledBatch, eos_token_ids: tuple[int, ...]):
+    """Which rows of the flat batch need logits: the last computed token of every generating
+    sequence (with a sample spec for it and its forks), and the response tokens of scoring
+    sequences computed this step (with their targets)."""
+    rows, specs, scoring = [], [], []
+    start = 0
+    for seq, n in [*batch.prefills, *((s, 1) for s in batch.decodes)]:
+        first = seq.num_computed_tokens
+        if seq.score_from is not None:
+            lo, hi = max(first, seq.score_from - 1), min(first + n, seq.num_tokens - 1)
+            if hi > lo:
+                scoring.append((seq, len(rows), seq.token_ids[lo + 1:hi + 1]))
+                rows += range(start + lo - first, start + hi - first)
+        elif first + n == seq.num_tokens:
+            rows.append(start + n - 1)
+            specs += [_spec(len(rows) - 1, t, eos_token_ids) for t in (seq, *seq.forks)]
+        start += n
+    return rows, specs, scoring
 
 
 def _spec(row: int, seq: Sequence, eos_token_ids: tuple[int, ...]) -> SampleSpec:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from rollout.toy_tokenizer import SPECIAL_TOKENS, byte_level_tokenizer
+
 DEFAULT_PRESET = "qwen3-0.6b-random"
 
 PRESETS: dict[str, dict] = {
@@ -28,29 +30,24 @@ PRESETS: dict[str, dict] = {
         tie_word_embeddings=True, dtype="float32"),
 }
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Bump when what a preset directory holds changes (the tokenizer, the files), so that a cached
+# preset written by an older version is rebuilt instead of reused.
+PRESET_FORMAT = 2
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ROLLOUT_CACHE", Path.home() / ".cache" / "rollout"))
 
 
-def byte_level_tokenizer():
-    """A byte-level tokenizer: one token per byte (ids 0-255), then the special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    return tok
-
-
 def make_checkpoint(path: str | Path, architecture: str = "Qwen3ForCausalLM", seed: int = 0,
-                    dtype: str = "float32", with_tokenizer: bool = True,
+                    dtype: str = "float32", tokenizer: str | None = "bytes",
                     **config) -> Path:
     """Write a random-weight Hugging Face checkpoint (config.json + model.safetensors, and a
-    byte-level tokenizer) built by transformers itself, so it is the real format."""
+    byte-level tokenizer) built by transformers itself, so it is the real format.
+    tokenizer: "bytes" (byte and special tokens only), "vocab" (also merged tokens, so every id
+    of the model's vocabulary decodes to text) or None."""
+    if tokenizer not in ("bytes", "vocab", None):
+        raise ValueError(f"tokenizer={tokenizer!r}: choose 'bytes', 'vocab' or None")
     import transformers
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -62,29 +59,46 @@ def make_checkpoint(path: str | Path, architecture: str = "Qwen3ForCausalLM", se
         torch.manual_seed(seed)
         model = getattr(transformers, architecture)(hf_config)
     model.to(getattr(torch, dtype)).save_pretrained(path)
-    if with_tokenizer:
-        byte_level_tokenizer().save(str(path / "tokenizer.json"))
+    if tokenizer is not None:
+        vocab_size = hf_config.vocab_size if tokenizer == "vocab" else None
+        byte_level_tokenizer(vocab_size).save(str(path / "tokenizer.json"))
         (path / "tokenizer_config.json").write_text(json.dumps(
             {"eos_token": SPECIAL_TOKENS[0], "tokenizer_class": "PreTrainedTokenizerFast"}))
     return path
 
 
+def _fingerprint(name: str) -> dict:
+    return {"preset": name, "format": PRESET_FORMAT, "spec": PRESETS[name]}
+
+
+def _is_current(target: Path, name: str) -> bool:
+    marker = target / "preset.json"
+    return marker.is_file() and json.loads(marker.read_text()) == _fingerprint(name)
+
+
 def preset_path(name: str = DEFAULT_PRESET) -> Path:
-    """The preset's checkpoint directory, written on first use (atomically)."""
+    """The preset's checkpoint directory, written on first use (atomically). A cached one
+    written by another version of this code (no or another `preset.json`) is rebuilt."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     target = cache_dir() / "presets" / name
-    if (target / "config.json").is_file():
+    if _is_current(target, name):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     spec = dict(PRESETS[name])
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    stale = Path(f"{tmp}-stale")
     try:
-        make_checkpoint(tmp, spec.pop("architecture"), seed=0, dtype=spec.pop("dtype"), **spec)
+        make_checkpoint(tmp, spec.pop("architecture"), seed=0, dtype=spec.pop("dtype"),
+                        tokenizer="vocab", **spec)
+        (tmp / "preset.json").write_text(json.dumps(_fingerprint(name)))
+        if target.exists():
+            os.replace(target, stale)
         os.replace(tmp, target)
     except OSError:
-        if not (target / "config.json").is_file():
+        if not _is_current(target, name):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return target

@@ -1,5 +1,6 @@
 """`rollout generate` as a new user runs it from the README, in a fresh process."""
 
+import ast
 import json
 import os
 import subprocess
@@ -20,11 +21,13 @@ def test_generate_with_model(qwen3_path):
     assert out["outputs"][0]["finish_reason"] == "length"
 
 
-def test_generate_without_model_uses_the_builtin_preset(tmp_path):
-    done = run_cli("generate", "--prompt", "The capital of France is", "--max-tokens", "4",
-                   "--seed", "3", env={"ROLLOUT_CACHE": str(tmp_path)})
+def test_generate_without_model_uses_the_builtin_preset_and_prints_text(tmp_path):
+    done = run_cli("generate", "--prompt", "Hello", "--max-tokens", "4", "--seed", "3",
+                   env={"ROLLOUT_CACHE": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert "finish_reason=length seed=3" in done.stdout
+    text = ast.literal_eval(done.stdout.splitlines()[0])
+    assert len(text.split()) >= 2, done.stdout  # words, not '' or stray bytes
     assert (tmp_path / "presets" / "qwen3-0.6b-random" / "config.json").is_file()
 
 

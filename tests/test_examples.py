@@ -42,3 +42,21 @@ def test_verl_plugin_example_runs_two_verl_steps(tmp_path):
     assert [(s, same, version) for s, same, _, _, version in steps] == [("1", "True", "1"),
                                                                       ("2", "True", "2")]
     assert all(tokens == logprobs != "0" for _, _, tokens, logprobs, _ in steps)
+
+
+def test_grpo_toy_learns_with_zero_kl_and_plots(tmp_path):
+    plot = tmp_path / "grpo.png"
+    done = subprocess.run([sys.executable, str(EXAMPLES / "grpo_toy.py"), "--steps", "5",
+                           "--lr", "1e-2", "--plot", str(plot)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ROLLOUT_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    steps = re.findall(r"reward (\S+)  kl (\S+)  max\|rollout - trainer\| (\S+)  .* weights "
+                       r"v(\d+)", done.stdout)
+    assert len(steps) == 5, done.stdout
+    assert all(kl == "0.0" and diff == "0.0" for _, kl, diff, _ in steps)
+    assert [int(v) for *_, v in steps] == [1, 2, 3, 4, 5]
+    rewards = [float(r) for r, *_ in steps]
+    assert rewards[-1] > rewards[0] + 0.05, rewards
+    assert "engine weights equal the trainer's: True" in done.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

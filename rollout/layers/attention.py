@@ -18,6 +18,10 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
+        with ctx.timer.span("attention"):
+            return self._attend(ctx, q, k, v)
+
+    def _attend(self, ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         out = torch.empty_like(q)
         for seg in ctx.prefills:

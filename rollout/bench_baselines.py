@@ -1,0 +1,118 @@
+"""The systems a user would pick instead of this engine, run on the same workload and weights:
+transformers `generate`, batched as a careful user would, and vLLM's offline `LLM.generate`
+(only when vllm is installed; run in its own process, as it would be deployed).
+
+Run as `python -m rollout.bench_baselines vllm JSON_ARGS` for the vLLM side."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from rollout.bench_workload import RunResult, Workload
+
+BASELINES = ("hf", "vllm")
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _hf_call(model, prompts: list[list[int]], new_tokens: int, n: int, pad_id: int) -> int:
+    """One `generate` call: every sequence runs `new_tokens` (EOS kept out, as the engine's
+    ignore_eos does), n per prompt, sampling at temperature 1 over the full vocabulary.
+    Returns the tokens it generated."""
+    ids, mask = left_padded(prompts, pad_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, num_return_sequences=n,
+                         pad_token_id=pad_id)
+    made = out.shape[1] - ids.shape[1]
+    if made != new_tokens or out.shape[0] != len(prompts) * n:
+        raise RuntimeError(f"transformers generated {tuple(out.shape)} from {tuple(ids.shape)}; "
+                           f"expected {new_tokens} new tokens for {len(prompts) * n} sequences")
+    return out.shape[0] * made
+
+
+@torch.inference_mode()
+def run_hf(path: str, workload: Workload, dtype: torch.dtype, prompts_per_call: int,
+           progress=None) -> RunResult:
+    """`prompts_per_call` prompts per `generate` call, left-padded, num_return_sequences=n;
+    each call runs until its longest response is done. Only the tokens each request asked for
+    count as output."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    prompts, lengths = workload.prompts(model.config.vocab_size), workload.response_lengths()
+    _hf_call(model, [prompts[0][:8]], 2, 1, pad_id)  # warm up
+    torch.manual_seed(workload.seed)
+    generated, calls = 0, 0
+    start = time.perf_counter()
+    for lo in range(0, len(prompts), prompts_per_call):
+        want = lengths[lo:lo + prompts_per_call]
+        generated += _hf_call(model, prompts[lo:lo + prompts_per_call], max(want), workload.n,
+                              pad_id)
+        calls += 1
+        if progress is not None:
+            progress.update(workload.n * sum(want))
+    seconds = time.perf_counter() - start
+    return RunResult("transformers", seconds, workload.prompt_tokens, workload.output_tokens,
+                     {"calls": calls, "prompts_per_call": prompts_per_call,
+                      "generated_tokens": generated})
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def run_vllm(path: str, workload: Workload, dtype: torch.dtype) -> RunResult:
+    """vLLM in a child process (its own memory and threads, gone afterwards)."""
+    args = {"path": path, "workload": asdict(workload), "dtype": str(dtype).removeprefix("torch.")}
+    done = subprocess.run([sys.executable, "-m", "rollout.bench_baselines", "vllm",
+                           json.dumps(args)], capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"the vLLM baseline exited with {done.returncode}:\n{tail}")
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    return RunResult("vllm", data["seconds"], workload.prompt_tokens, data["output_tokens"],
+                     {"vllm_version": data["version"]})
+
+
+def _vllm_child(path: str, workload: dict, dtype: str) -> None:
+    import vllm
+    w = Workload(**workload)
+    prompts = [{"prompt_token_ids": p} for p in w.prompts(_vocab_size(path))]
+    params = [vllm.SamplingParams(n=p.n, temperature=1.0, top_p=1.0, max_tokens=p.max_tokens,
+                                  ignore_eos=True, seed=p.seed, detokenize=False)
+              for p in w.params()]
+    llm = vllm.LLM(model=path, dtype=dtype, seed=w.seed,
+                   max_model_len=w.max_prompt_len + w.max_tokens + 16)
+    llm.generate(prompts[:1], vllm.SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    print(json.dumps({"seconds": seconds, "output_tokens": tokens, "version": vllm.__version__}),
+          flush=True)
+
+
+def _vocab_size(path: str) -> int:
+    from rollout.config import ModelConfig
+    return ModelConfig.from_pretrained(path).vocab_size
+
+
+if __name__ == "__main__":
+    if sys.argv[1] != "vllm":
+        raise SystemExit(f"unknown baseline {sys.argv[1]!r}; run as: vllm JSON_ARGS")
+    _vllm_child(**json.loads(sys.argv[2]))

