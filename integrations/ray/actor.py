@@ -63,10 +63,12 @@ class EngineActor:
 
     # ---------------------------------------------------------------- weights
 
-    async def update_weights(self, named_tensors: Iterable, version: int | None = None) -> int:
+    async def update_weights(self, named_tensors: Iterable,
+                             version: int | str | None = None) -> int | str:
         return await self._blocking(self.engine.update_weights, named_tensors, version)
 
-    async def update_weights_from_disk(self, path: str, version: int | None = None) -> int:
+    async def update_weights_from_disk(self, path: str,
+                                       version: int | str | None = None) -> int | str:
         return await self._blocking(self.engine.update_weights_from_disk, path, version)
 
     async def start_weight_receiver(self, address: str | None = None,
@@ -86,15 +88,16 @@ class EngineActor:
                              rank_offset, world_size, group_name, backend, timeout_s)
 
     async def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
-                                              group_name: str, version: int | None = None,
-                                              bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
+                                              group_name: str, version: int | str | None = None,
+                                              bucket_bytes: int = DEFAULT_BUCKET_BYTES
+                                              ) -> int | str:
         return await self._blocking(self.engine.update_weights_from_distributed, names, dtypes,
                                     shapes, group_name, version, bucket_bytes)
 
     async def destroy_weights_update_group(self, group_name: str) -> None:
         await self._blocking(self.engine.destroy_weights_update_group, group_name)
 
-    async def send_weights(self, address: str, mode: str = "bytes") -> int:
+    async def send_weights(self, address: str, mode: str = "bytes") -> int | str:
         """Push this engine's weights and version to another engine's receiver at `address`
         (how a replacement engine catches up with its group). Returns the receiver's version."""
         def send() -> int:
@@ -106,7 +109,7 @@ class EngineActor:
     async def weights_checksum(self) -> str:
         return await self._blocking(self.engine.weights_checksum)
 
-    async def weight_version(self) -> int:
+    async def weight_version(self) -> int | str:
         return self.engine.weight_version
 
     # ---------------------------------------------------------------- memory

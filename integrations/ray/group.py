@@ -234,13 +234,14 @@ class RolloutGroup:
     # ---------------------------------------------------------------- weights
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                       version: int | None = None) -> list[int]:
+                       version: int | str | None = None) -> list[int | str]:
         """In-process update of every engine: the tensors go to Ray's object store once."""
         ref = ray.put([(name, t.detach().cpu()) for name, t in named_tensors])
         self._updated = True
         return self._on_all("update_weights", ref, version)
 
-    def update_weights_from_disk(self, path: str, version: int | None = None) -> list[int]:
+    def update_weights_from_disk(self, path: str,
+                                 version: int | str | None = None) -> list[int | str]:
         """Every engine loads the safetensors directory at `path` (visible on every node)."""
         self._updated = True
         return self._on_all("update_weights_from_disk", path, version)
@@ -266,10 +267,10 @@ class RolloutGroup:
         return None
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
-                                        group_name: str, version: int | None = None,
+                                        group_name: str, version: int | str | None = None,
                                         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                                         wait: bool = True
-                                        ) -> list[int] | concurrent.futures.Future:
+                                        ) -> list[int | str] | concurrent.futures.Future:
         """Every engine receives the trainer's broadcast (`WeightUpdateGroup.send`)."""
         self._updated = True
         future = self._submit(self._each(lambda k, a: a.update_weights_from_distributed.remote(
@@ -283,7 +284,7 @@ class RolloutGroup:
         """Every ready engine's checksum, in engine order."""
         return self._on_all("weights_checksum")
 
-    def weight_versions(self) -> list[int]:
+    def weight_versions(self) -> list[int | str]:
         return self._on_all("weight_version")
 
     # ---------------------------------------------------------------- memory and control

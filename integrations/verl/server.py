@@ -69,8 +69,8 @@ class RolloutEngineServer:
             token_ids=out.token_ids,
             log_probs=out.logprobs if want_logprobs else None,
             stop_reason="aborted" if out.finish_reason == "abort" else "completed",
-            extra_fields={"global_steps": versions[-1], "min_global_steps": min(versions),
-                          "max_global_steps": max(versions)})
+            extra_fields={"global_steps": versions[-1], "min_global_steps": versions[0],
+                          "max_global_steps": versions[-1]})  # versions in the order they came
 
     def _sampling_params(self, params: dict, prompt_len: int) -> tuple[SamplingParams | None,
                                                                        bool]:
