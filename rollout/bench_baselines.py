@@ -8,12 +8,14 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
-from rollout.bench_workload import RunResult, Workload
+from rollout.bench_workload import WARM_UP_PROMPT, RunResult, Workload
 
 BASELINES = ("hf", "vllm")
 
@@ -47,22 +49,23 @@ def _hf_call(model, prompts: list[list[int]], new_tokens: int, n: int, pad_id: i
 @torch.inference_mode()
 def run_hf(path: str, workload: Workload, dtype: torch.dtype, prompts_per_call: int,
            progress=None) -> RunResult:
-    """`prompts_per_call` prompts per `generate` call, left-padded, num_return_sequences=n;
-    each call runs until its longest response is done. Only the tokens each request asked for
-    count as output."""
+    """`prompts_per_call` prompts per `generate` call (grouped by length, so little padding),
+    left-padded, num_return_sequences=n; each call runs until its longest response is done.
+    Only the tokens each request asked for count as output."""
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     prompts, lengths = workload.prompts(model.config.vocab_size), workload.response_lengths()
-    _hf_call(model, [prompts[0][:8]], 2, 1, pad_id)  # warm up
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    _hf_call(model, [WARM_UP_PROMPT], 2, 1, pad_id)
     torch.manual_seed(workload.seed)
     generated, calls = 0, 0
     start = time.perf_counter()
-    for lo in range(0, len(prompts), prompts_per_call):
-        want = lengths[lo:lo + prompts_per_call]
-        generated += _hf_call(model, prompts[lo:lo + prompts_per_call], max(want), workload.n,
-                              pad_id)
+    for lo in range(0, len(order), prompts_per_call):
+        group = order[lo:lo + prompts_per_call]
+        want = [lengths[i] for i in group]
+        generated += _hf_call(model, [prompts[i] for i in group], max(want), workload.n, pad_id)
         calls += 1
         if progress is not None:
             progress.update(workload.n * sum(want))
@@ -76,35 +79,42 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def run_vllm(path: str, workload: Workload, dtype: torch.dtype) -> RunResult:
-    """vLLM in a child process (its own memory and threads, gone afterwards)."""
-    args = {"path": path, "workload": asdict(workload), "dtype": str(dtype).removeprefix("torch.")}
-    done = subprocess.run([sys.executable, "-m", "rollout.bench_baselines", "vllm",
-                           json.dumps(args)], capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"the vLLM baseline exited with {done.returncode}:\n{tail}")
-    data = json.loads(done.stdout.strip().splitlines()[-1])
+def run_vllm(path: str, workload: Workload, dtype: torch.dtype, kv_cache_bytes: int) -> RunResult:
+    """vLLM in a child process (its own memory and threads, gone afterwards), with the KV cache
+    memory this engine had (on the CPU vLLM otherwise reserves 92% of the host's memory).
+    Its CPU threads are vLLM's defaults (VLLM_CPU_* variables pass through)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        args = {"path": path, "workload": asdict(workload), "kv_cache_bytes": kv_cache_bytes,
+                "dtype": str(dtype).removeprefix("torch."), "out": str(out)}
+        done = subprocess.run([sys.executable, "-m", "rollout.bench_baselines", "vllm",
+                               json.dumps(args)], capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0 or not out.is_file():
+            errors = [line for line in done.stderr.splitlines() if "Error" in line]
+            tail = "\n".join((errors or done.stderr.strip().splitlines())[-3:])
+            raise RuntimeError(f"the vLLM baseline exited with {done.returncode}:\n{tail}")
+        data = json.loads(out.read_text())
     return RunResult("vllm", data["seconds"], workload.prompt_tokens, data["output_tokens"],
-                     {"vllm_version": data["version"]})
+                     {"vllm_version": data["version"], "kv_cache_bytes": kv_cache_bytes})
 
 
-def _vllm_child(path: str, workload: dict, dtype: str) -> None:
+def _vllm_child(path: str, workload: dict, dtype: str, kv_cache_bytes: int, out: str) -> None:
     import vllm
     w = Workload(**workload)
     prompts = [{"prompt_token_ids": p} for p in w.prompts(_vocab_size(path))]
     params = [vllm.SamplingParams(n=p.n, temperature=1.0, top_p=1.0, max_tokens=p.max_tokens,
                                   ignore_eos=True, seed=p.seed, detokenize=False)
               for p in w.params()]
-    llm = vllm.LLM(model=path, dtype=dtype, seed=w.seed,
+    llm = vllm.LLM(model=path, dtype=dtype, seed=w.seed, kv_cache_memory_bytes=kv_cache_bytes,
                    max_model_len=w.max_prompt_len + w.max_tokens + 16)
-    llm.generate(prompts[:1], vllm.SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
+    llm.generate([{"prompt_token_ids": WARM_UP_PROMPT}], vllm.SamplingParams(max_tokens=2),
+                 use_tqdm=False)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    print(json.dumps({"seconds": seconds, "output_tokens": tokens, "version": vllm.__version__}),
-          flush=True)
+    Path(out).write_text(json.dumps({"seconds": seconds, "output_tokens": tokens,
+                                     "version": vllm.__version__}))
 
 
 def _vocab_size(path: str) -> int:

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from rollout.bench_baselines import BASELINES, run_hf, run_vllm, vllm_available
 from rollout.bench_hardware import (MATMUL_SHAPE, copy_bytes_per_s, matmul_flops_per_s,
                                     model_flops)
-from rollout.bench_workload import BenchOptions, RunResult, SuiteResult, Workload
+from rollout.bench_workload import (WARM_UP_PROMPT, BenchOptions, RunResult, SuiteResult,
+                                    Workload)
 from rollout.config import DTYPES
 from rollout.engine import Engine
 from rollout.presets import preset_path
@@ -23,7 +24,7 @@ def run_engine(engine: Engine, workload: Workload, label: str,
                progress: bool = False) -> RunResult:
     """The workload through the engine, with per-phase totals of the run."""
     prompts = workload.prompts(engine.model_config.vocab_size)
-    engine.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
+    engine.generate([WARM_UP_PROMPT], SamplingParams(max_tokens=2), use_tqdm=False)
     stats = engine.scheduler.stats
     steps0, prefill0 = stats.steps, stats.prefill_tokens
     engine.runner.timer.start()
@@ -39,7 +40,9 @@ def run_engine(engine: Engine, workload: Workload, label: str,
     return RunResult(label, seconds, workload.prompt_tokens, out_tokens,
                      {"steps": stats.steps - steps0,
                       "prefill_tokens_computed": stats.prefill_tokens - prefill0,
-                      "phases_s": phases, "phase_calls": calls})
+                      "phases_s": phases, "phase_calls": calls,
+                      "dtype": str(engine.runner.dtype).removeprefix("torch."),
+                      "kv_cache_bytes": engine.memory_stats()["kv_cache"]})
 
 
 def _phase_lines(run: RunResult) -> tuple[list[str], dict]:
@@ -67,15 +70,15 @@ def _phase_lines(run: RunResult) -> tuple[list[str], dict]:
     return lines, {name.strip(): s for name, s in rows}
 
 
-def _decode_batch1(engine: Engine, tokens: int = 16) -> dict:
+def _decode_batch1(engine: Engine, tokens: int = 8) -> dict:
     """Seconds per decode step of one sequence (forward, and the whole step)."""
-    prompt = Workload(num_prompts=1, min_prompt_len=64, max_prompt_len=64).prompts(
+    prompt = Workload(num_prompts=1, min_prompt_len=64, max_prompt_len=64, seed=1).prompts(
         engine.model_config.vocab_size)[0]
-    params = SamplingParams(max_tokens=tokens + 1, ignore_eos=True, seed=0)
-    engine.generate([prompt], params, use_tqdm=False)  # warm up
+    engine.generate([WARM_UP_PROMPT], SamplingParams(max_tokens=2), use_tqdm=False)
     engine.runner.timer.start()
     start = time.perf_counter()
-    engine.generate([prompt], params, use_tqdm=False)
+    engine.generate([prompt], SamplingParams(max_tokens=tokens + 1, ignore_eos=True, seed=0),
+                    use_tqdm=False)
     wall = time.perf_counter() - start
     phases, calls = engine.runner.timer.stop(), engine.runner.timer.calls
     steps = calls["decode forward"]
@@ -122,7 +125,6 @@ def _engine_runs(model: str | None, workload: Workload, dtype: str, options: Ben
         engine = Engine(model, dtype=dtype, deterministic=deterministic, **engine_kwargs)
         label = "rollout" if deterministic else "rollout deterministic=False"
         runs.append(run_engine(engine, workload, label, options.progress))
-        runs[-1].extra["dtype"] = dtype
         if deterministic:
             proofs = engine.runner.kernel_prepare_seconds
             phase_lines, data["phases_s"] = _phase_lines(runs[-1])
@@ -134,7 +136,7 @@ def _engine_runs(model: str | None, workload: Workload, dtype: str, options: Ben
     return runs, lines, data, proofs
 
 
-def _baseline_runs(path: str, workload: Workload, dtype: torch.dtype,
+def _baseline_runs(path: str, workload: Workload, dtype: torch.dtype, kv_cache_bytes: int,
                    options: BenchOptions) -> tuple[list[RunResult], list[str]]:
     runs, notes = [], []
     if "hf" in options.baselines:
@@ -148,7 +150,7 @@ def _baseline_runs(path: str, workload: Workload, dtype: torch.dtype,
                          "machine, vllm on CUDA)")
         else:
             try:
-                runs.append(run_vllm(path, workload, dtype))
+                runs.append(run_vllm(path, workload, dtype, kv_cache_bytes))
             except RuntimeError as e:
                 notes.append(f"  vllm: failed, skipped: {e}")
     return runs, notes
@@ -189,7 +191,8 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
     for dt in dtypes:
         runs, engine_lines, dt_data, proofs = _engine_runs(path, workload, dt, options,
                                                            **engine_kwargs)
-        baselines, notes = _baseline_runs(path, workload, DTYPES[dt], options)
+        baselines, notes = _baseline_runs(path, workload, DTYPES[dt],
+                                          runs[0].extra["kv_cache_bytes"], options)
         table, ratios = _table(dt, runs + baselines)
         det, fast = runs
         cost = fast.total_tokens_per_s / det.total_tokens_per_s - 1

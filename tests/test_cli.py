@@ -1,10 +1,13 @@
-"""`rollout generate` as a new user runs it from the README, in a fresh process."""
+"""The CLI (`rollout generate | bench | doctor`) as a new user runs it, in a fresh process."""
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+from rollout.bench_workload import Workload
 
 
 def run_cli(*args, env=None):
@@ -46,3 +49,30 @@ def test_doctor_prints_what_runs_and_whether_invariance_is_guaranteed(qwen3_path
     assert "batch invariance: GUARANTEED on this machine" in done.stdout
     fast = run_cli("doctor", "--model", str(qwen3_path), "--fast")
     assert fast.returncode == 1 and "NOT GUARANTEED (deterministic=False)" in fast.stdout
+
+
+def test_bench_against_transformers_writes_every_figure(qwen3_path, tmp_path):
+    report = tmp_path / "bench.json"
+    done = run_cli("bench", "throughput", "--model", str(qwen3_path), "--dtype", "float32",
+                   "--baseline", "hf", "--baseline", "vllm", "--json", str(report),
+                   "--num-prompts", "3", "--n", "2", "--min-prompt-len", "20",
+                   "--max-prompt-len", "60", "--max-tokens", "8", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "speedup_vs_hf (float32):" in done.stdout
+    assert "where the time goes (rollout, float32)" in done.stdout
+    assert "decode at batch 1:" in done.stdout and "GFLOP/s" in done.stdout
+    if importlib.util.find_spec("vllm") is None:
+        assert "vllm: not installed, skipped" in done.stdout
+    data = json.loads(report.read_text())["suites"]["throughput"]
+    f32 = data["float32"]
+    systems = f32["systems"]
+    asked = 2 * sum(Workload(**data["workload"]).response_lengths())
+    for name in ("rollout", "transformers", "rollout deterministic=False"):
+        assert systems[name]["output_tokens"] == asked
+        assert systems[name]["output_tokens_per_s"] > 0
+    # transformers ran every call to its longest response: more tokens made than counted
+    assert systems["transformers"]["generated_tokens"] >= asked
+    assert f32["speedup_vs_hf"] == (systems["rollout"]["output_tokens_per_s"]
+                                    / systems["transformers"]["output_tokens_per_s"])
+    assert f32["phases_s"]["decode forward (decode-only steps)"] > 0
+    assert 0 < f32["hardware"]["achieved_flops_per_s"] < f32["hardware"]["matmul_flops_per_s"]
