@@ -185,11 +185,12 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
     path = model or str(preset_path())
     vs = "".join(f"{'vs ' + b:>10}" for b in BASELINES
                  if b in options.baselines and (b != "vllm" or vllm_available()))
-    lines = [f"throughput: {workload.describe()}",
-             "  (output tok/s counts only the tokens each request asked for; total tok/s adds "
-             "each prompt once)",
-             f"  {'dtype':<10}{'system':<30}{'seconds':>9}{'output tok/s':>14}"
-             f"{'total tok/s':>13}{vs}"]
+    for line in [f"throughput: {workload.describe()}",
+                 "  (output tok/s counts only the tokens each request asked for; total tok/s "
+                 "adds each prompt once)",
+                 f"  {'dtype':<10}{'system':<30}{'seconds':>9}{'output tok/s':>14}"
+                 f"{'total tok/s':>13}{vs}"]:
+        options.emit(line)
     details, data = [], {"workload": asdict(workload), "describe": workload.describe()}
     for dt in dtypes:
         runs, engine_lines, dt_data, proofs = _engine_runs(path, workload, dt, options,
@@ -198,11 +199,12 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
         table, ratios = _table(dt, runs + baselines)
         det, fast = runs
         cost = fast.total_tokens_per_s / det.total_tokens_per_s - 1
-        lines += table + notes + [
-            f"  cost of deterministic=True, {dt}: {cost * 100:+.1f}% time (throughput ratio "
-            f"det/fast = {det.total_tokens_per_s / fast.total_tokens_per_s:.3f}; proofs at "
-            f"start {proofs:.1f} s, not timed)"]
+        for line in table + notes + [
+                f"  cost of deterministic=True, {dt}: {cost * 100:+.1f}% time (throughput ratio "
+                f"det/fast = {det.total_tokens_per_s / fast.total_tokens_per_s:.3f}; proofs at "
+                f"start {proofs:.1f} s, not timed)"]:
+            options.emit(line)
         details += engine_lines
         data[dt] = {"systems": {r.system: r.to_json() for r in runs + baselines}, **ratios,
                     "deterministic_cost": cost, "proofs_s": proofs, **dt_data}
-    return SuiteResult(lines + details, data)
+    return SuiteResult(details, data)
