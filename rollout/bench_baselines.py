@@ -34,7 +34,7 @@ def _hf_call(model, prompts: list[list[int]], new_tokens: int, n: int, pad_id: i
     """One `generate` call: every sequence runs `new_tokens` (EOS kept out, as the engine's
     ignore_eos does), n per prompt, sampling at temperature 1 over the full vocabulary.
     Returns the tokens it generated."""
-    ids, mask = left_padded(prompts, pad_id)
+    ids, mask = (t.to(model.device) for t in left_padded(prompts, pad_id))
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
                          top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, num_return_sequences=n,
@@ -47,13 +47,13 @@ def _hf_call(model, prompts: list[list[int]], new_tokens: int, n: int, pad_id: i
 
 
 @torch.inference_mode()
-def run_hf(path: str, workload: Workload, dtype: torch.dtype, prompts_per_call: int,
-           progress=None) -> RunResult:
+def run_hf(path: str, workload: Workload, dtype: torch.dtype, device: torch.device,
+           prompts_per_call: int, progress=None) -> RunResult:
     """`prompts_per_call` prompts per `generate` call (grouped by length, so little padding),
     left-padded, num_return_sequences=n; each call runs until its longest response is done.
     Only the tokens each request asked for count as output."""
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
     pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     prompts, lengths = workload.prompts(model.config.vocab_size), workload.response_lengths()

@@ -42,6 +42,7 @@ def run_engine(engine: Engine, workload: Workload, label: str,
                       "prefill_tokens_computed": stats.prefill_tokens - prefill0,
                       "phases_s": phases, "phase_calls": calls,
                       "dtype": str(engine.runner.dtype).removeprefix("torch."),
+                      "device": str(engine.runner.device),
                       "kv_cache_bytes": engine.memory_stats()["kv_cache"]})
 
 
@@ -136,13 +137,15 @@ def _engine_runs(model: str | None, workload: Workload, dtype: str, options: Ben
     return runs, lines, data, proofs
 
 
-def _baseline_runs(path: str, workload: Workload, dtype: torch.dtype, kv_cache_bytes: int,
+def _baseline_runs(path: str, workload: Workload, engine_run: RunResult,
                    options: BenchOptions) -> tuple[list[RunResult], list[str]]:
+    """The baselines, on the engine run's dtype and device (vLLM: its KV cache size too)."""
+    dtype, device = DTYPES[engine_run.extra["dtype"]], torch.device(engine_run.extra["device"])
     runs, notes = [], []
     if "hf" in options.baselines:
         with tqdm(total=workload.output_tokens, unit="tok", disable=not options.progress,
                   desc=f"transformers {str(dtype).removeprefix('torch.')}") as bar:
-            runs.append(run_hf(path, workload, dtype, options.hf_prompts_per_call, bar))
+            runs.append(run_hf(path, workload, dtype, device, options.hf_prompts_per_call, bar))
         gc.collect()
     if "vllm" in options.baselines:
         if not vllm_available():
@@ -150,7 +153,7 @@ def _baseline_runs(path: str, workload: Workload, dtype: torch.dtype, kv_cache_b
                          "machine, vllm on CUDA)")
         else:
             try:
-                runs.append(run_vllm(path, workload, dtype, kv_cache_bytes))
+                runs.append(run_vllm(path, workload, dtype, engine_run.extra["kv_cache_bytes"]))
             except RuntimeError as e:
                 notes.append(f"  vllm: failed, skipped: {e}")
     return runs, notes
@@ -182,25 +185,26 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
     path = model or str(preset_path())
     vs = "".join(f"{'vs ' + b:>10}" for b in BASELINES
                  if b in options.baselines and (b != "vllm" or vllm_available()))
-    lines = [f"throughput: {workload.describe()}",
-             "  (output tok/s counts only the tokens each request asked for; total tok/s adds "
-             "each prompt once)",
-             f"  {'dtype':<10}{'system':<30}{'seconds':>9}{'output tok/s':>14}"
-             f"{'total tok/s':>13}{vs}"]
+    for line in [f"throughput: {workload.describe()}",
+                 "  (output tok/s counts only the tokens each request asked for; total tok/s "
+                 "adds each prompt once)",
+                 f"  {'dtype':<10}{'system':<30}{'seconds':>9}{'output tok/s':>14}"
+                 f"{'total tok/s':>13}{vs}"]:
+        options.emit(line)
     details, data = [], {"workload": asdict(workload), "describe": workload.describe()}
     for dt in dtypes:
         runs, engine_lines, dt_data, proofs = _engine_runs(path, workload, dt, options,
                                                            **engine_kwargs)
-        baselines, notes = _baseline_runs(path, workload, DTYPES[dt],
-                                          runs[0].extra["kv_cache_bytes"], options)
+        baselines, notes = _baseline_runs(path, workload, runs[0], options)
         table, ratios = _table(dt, runs + baselines)
         det, fast = runs
         cost = fast.total_tokens_per_s / det.total_tokens_per_s - 1
-        lines += table + notes + [
-            f"  cost of deterministic=True, {dt}: {cost * 100:+.1f}% time (throughput ratio "
-            f"det/fast = {det.total_tokens_per_s / fast.total_tokens_per_s:.3f}; proofs at "
-            f"start {proofs:.1f} s, not timed)"]
+        for line in table + notes + [
+                f"  cost of deterministic=True, {dt}: {cost * 100:+.1f}% time (throughput ratio "
+                f"det/fast = {det.total_tokens_per_s / fast.total_tokens_per_s:.3f}; proofs at "
+                f"start {proofs:.1f} s, not timed)"]:
+            options.emit(line)
         details += engine_lines
         data[dt] = {"systems": {r.system: r.to_json() for r in runs + baselines}, **ratios,
                     "deterministic_cost": cost, "proofs_s": proofs, **dt_data}
-    return SuiteResult(lines + details, data)
+    return SuiteResult(details, data)

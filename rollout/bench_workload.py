@@ -1,6 +1,7 @@
 """The work `rollout bench` gives every system: a seeded, GRPO-shaped batch of requests, and the
 result every system reports for it."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -97,15 +98,21 @@ class RunResult:
                 "total_tokens_per_s": self.total_tokens_per_s, **self.extra}
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 @dataclass(frozen=True)
 class BenchOptions:
-    """What `rollout bench` compares against and how: baselines run on the same workload."""
+    """What `rollout bench` compares against and how: baselines run on the same workload.
+    A suite shows lines through `emit` as soon as they are measured, and returns the rest."""
     baselines: tuple[str, ...] = ()
     hf_prompts_per_call: int = 4
     progress: bool = True
+    emit: Callable[[str], None] = _print
 
 
 @dataclass
 class SuiteResult:
-    lines: list[str]
+    lines: list[str]  # those not emitted yet
     data: dict = field(default_factory=dict)

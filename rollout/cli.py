@@ -128,6 +128,11 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _bench_defaults():
+    from rollout.bench_workload import BenchOptions, Workload
+    return Workload(), BenchOptions()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rollout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,14 +162,15 @@ def main(argv: list[str] | None = None) -> int:
                             "(hf) or vLLM's offline LLM.generate (vllm, when installed); "
                             "repeatable")
     bench.add_argument("--json", metavar="PATH", help="write every figure to PATH as JSON")
-    bench.add_argument("--num-prompts", type=int, default=16)
-    bench.add_argument("--n", type=int, default=4, help="samples per prompt")
-    bench.add_argument("--min-prompt-len", type=int, default=64)
-    bench.add_argument("--max-prompt-len", type=int, default=256)
-    bench.add_argument("--max-tokens", type=int, default=32,
+    w, o = _bench_defaults()
+    bench.add_argument("--num-prompts", type=int, default=w.num_prompts)
+    bench.add_argument("--n", type=int, default=w.n, help="samples per prompt")
+    bench.add_argument("--min-prompt-len", type=int, default=w.min_prompt_len)
+    bench.add_argument("--max-prompt-len", type=int, default=w.max_prompt_len)
+    bench.add_argument("--max-tokens", type=int, default=w.max_tokens,
                        help="longest response; lengths spread over [max/4, max]")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--hf-prompts-per-call", type=int, default=4,
+    bench.add_argument("--seed", type=int, default=w.seed)
+    bench.add_argument("--hf-prompts-per-call", type=int, default=o.hf_prompts_per_call,
                        help="prompts per transformers generate call (x n sequences)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(func=cmd_bench)
