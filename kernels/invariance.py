@@ -21,13 +21,14 @@ the largest tile, so any row count is covered by tiles of one class. Where no ti
 op runs an implementation that owns its reduction order (exact, slower) and the report says so.
 """
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-LARGE_OPERAND = 1 << 26  # elements: each call reads it all, so only tiles of 4 to 128 rows
+LARGE_OPERAND = 1 << 26  # elements: proofs of bigger tiles would take seconds; tiles <= 128
 MAX_BATCH = 256
 BATCH_COUNTS = (1, 2, 3, 4, 7, 16, 64, MAX_BATCH - 1, MAX_BATCH)
 SIGNATURE_ROWS = 32  # at most; fewer rows where each has many columns
@@ -36,23 +37,47 @@ SIGNATURE_ELEMENTS = 4096
 
 @dataclass(frozen=True)
 class Plan:
-    """How an op calls BLAS: row tiles of one proven class (ascending); none = owned order."""
+    """How an op calls BLAS: row tiles of one proven class (ascending), and the seconds one
+    call of each took on this machine; no tiles = owned order. Every tile of the class gives a
+    row the same bits wherever it sits, so how rows are cut into tiles is free: `chunks` picks
+    the cut the measured costs say is fastest."""
     tiles: tuple[int, ...]
+    costs: tuple[float, ...] = ()
+    _best: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def blas(self) -> bool:
         return bool(self.tiles)
 
+    def _cost(self, i: int) -> float:
+        # without measurements, a call costs its rows (bigger tiles, fewer calls)
+        return self.costs[i] if self.costs else self.tiles[i] * (1 - 1e-3 * i)
+
+    def _choice(self, rows: int) -> int:
+        """The tile that starts the cheapest cover of `rows` (the last one padded with zeros);
+        dynamic programming over remainders, memoized on the plan."""
+        best = self._best
+        if not best:
+            best[0] = (0.0, 0)
+        for r in range(len(best), rows + 1):
+            best[r] = min((self._cost(i) + best[max(r - t, 0)][0], -t)
+                          for i, t in enumerate(self.tiles))
+            best[r] = (best[r][0], -best[r][1])
+        return best[rows][1]
+
     def chunks(self, rows: int) -> list[tuple[int, int, int]]:
-        """(start, rows taken, tile) covering `rows`: the largest tile that fits, repeatedly;
-        a remainder below the smallest tile is padded with zeros up to it."""
+        """(start, rows taken, tile) covering `rows` at the least measured cost: past a few
+        largest tiles, the tile with the cheapest row repeats; the rest is the cheapest cover."""
+        horizon = 4 * self.tiles[-1]
+        per_row = min(range(len(self.tiles)), key=lambda i: self._cost(i) / self.tiles[i])
         out, i = [], 0
-        while rows - i >= self.tiles[0]:
-            tile = max(t for t in self.tiles if t <= rows - i)
-            out.append((i, tile, tile))
+        while rows - i > horizon:
+            out.append((i, self.tiles[per_row], self.tiles[per_row]))
+            i += self.tiles[per_row]
+        while i < rows:
+            tile = self._choice(rows - i)
+            out.append((i, min(tile, rows - i), tile))
             i += tile
-        if i < rows:
-            out.append((i, rows - i, self.tiles[0]))
         return out
 
     def describe(self) -> str:
@@ -139,13 +164,28 @@ def _probe_like(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return probe
 
 
+TIMING_BUDGET_S = 0.02  # per tile: small calls are timed again until this much time is spent
+
+
+def _cost(run: Run, a: torch.Tensor, b: int, times: list[float]) -> float:
+    """Seconds one call of the tile takes: the least of its full-size calls so far (the tile
+    and its rolled copy), with more calls where they are quick (one call of a busy machine can
+    take ten times the next)."""
+    times = list(times)
+    while sum(times) < TIMING_BUDGET_S and len(times) < 8:
+        start = time.perf_counter()
+        run(a, slice(0, b))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def prove_tiles(product: Product, like: torch.Tensor,
                 candidates: tuple[int, ...] | None = None) -> Plan:
     """The class of row tiles proven invariant for `product` against an operand like `like`
     ([K, N], or [B, K, N] for a batched call), the class holding the largest passing tile (see
     the module docstring); an empty plan when no candidate passes."""
     large = like.numel() > LARGE_OPERAND
-    candidates = candidates or tuple(t for t in TILE_CANDIDATES if not large or 4 <= t <= 128)
+    candidates = candidates or tuple(t for t in TILE_CANDIDATES if not large or t <= 128)
     gen = torch.Generator().manual_seed(0)
     batched = like.dim() == 3
     k, n = like.shape[-2:]
@@ -153,8 +193,13 @@ def prove_tiles(product: Product, like: torch.Tensor,
     pairs = (perm[:k // 2], perm[k // 2:2 * (k // 2)])
     operand = _probe_like(like, _cancelling(tuple(like.shape), like.dtype, pairs, -1.0, gen))
 
+    times: list[float] = []
+
     def run(a: torch.Tensor, batch: slice) -> torch.Tensor:
-        return product(a, operand[batch] if batched else operand)
+        start = time.perf_counter()
+        out = product(a, operand[batch] if batched else operand)
+        times.append(time.perf_counter() - start)
+        return out
 
     b = like.shape[0] if batched else 1
     probe = _cancelling((b, max(candidates), k), like.dtype, pairs, 1.0, gen)
@@ -162,17 +207,21 @@ def prove_tiles(product: Product, like: torch.Tensor,
     rows = torch.cat([probe[0, :1], rows])[:SIGNATURE_ROWS]  # row 0: the probe's first row
     counts = BATCH_COUNTS if batched else ()
     classes: dict[bytes, list[int]] = {}
+    cost: dict[int, float] = {}
     for t in candidates:
         a = probe[:, :t].contiguous()
+        times.clear()
         full = run(a, slice(0, b))
         if not _tile_holds(run, a, full, counts):
             continue
+        cost[t] = _cost(run, a, b, times[:2])
         signature = _signature(run, rows, t)
         if torch.equal(signature[0], full[0, 0]):  # the first row alone (or among others)
             classes.setdefault(signature.float().numpy().tobytes(), []).append(t)
     if not classes:
         return Plan(())
-    return Plan(tuple(max(classes.values(), key=lambda ts: (max(ts), len(ts)))))
+    tiles = tuple(max(classes.values(), key=lambda ts: (max(ts), len(ts))))
+    return Plan(tiles, tuple(cost[t] for t in tiles))
 
 
 def record(op: str, shape: str, dtype: torch.dtype | str, method: str,

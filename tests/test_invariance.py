@@ -57,6 +57,24 @@ def test_every_row_of_a_proven_tile_has_the_bits_it_has_alone(fresh_plans):
                 assert torch.equal(got, expected[:t]), (k, n, t, shift)
 
 
+def test_rows_are_cut_into_tiles_at_the_least_measured_cost():
+    """Any cut is bitwise the same within a proven class, so the plan picks the cheapest by the
+    costs measured in the proof: one padded tile of 64 rather than 32+16+8+4 when a call of 64
+    costs barely more than one of 4, the cheapest row for long runs, and always an exact cover."""
+    plan = invariance.Plan((4, 8, 16, 32, 64, 128), (1.0, 1.1, 1.3, 1.8, 2.9, 6.0))
+    assert plan.chunks(60) == [(0, 60, 64)]
+    assert plan.chunks(3) == [(0, 3, 4)]
+    long = plan.chunks(64 * 100 + 1)
+    assert sorted(t for _, _, t in long) == [4] + [64] * 100
+    for rows in range(1, 700):
+        chunks = plan.chunks(rows)
+        assert [start for start, _, _ in chunks] == [sum(r for _, r, _ in chunks[:i])
+                                                      for i in range(len(chunks))]
+        assert sum(r for _, r, _ in chunks) == rows
+        assert all(r <= t and t in plan.tiles for _, r, t in chunks)
+        assert all(r == t for _, r, t in chunks[:-1])  # only the last tile is padded
+
+
 def test_the_prover_rejects_tiles_whose_rows_depend_on_their_position(fresh_plans):
     w_t = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)).t()
     bad = reversed_on_odd_rows(torch.mm)
