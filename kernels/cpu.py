@@ -224,46 +224,45 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
 # ---------------------------------------------------------------- attention
 #
 # Keys are split into blocks of a fixed size S at absolute positions 0, S, 2S, ... (one KV-cache
-# block is one split) and folded into a running softmax in split order. The cache stores K
-# transposed per block ([blocks, kv_heads, head_dim, S]) and V as [blocks, kv_heads, S, head_dim],
-# so both products are `rows_bmm` calls on contiguous tiles: a query's bits are the same in
-# decode, prefill and scoring, whatever rows share its matmul.
+# block is one split). The cache stores K transposed per block ([blocks, kv_heads, head_dim, S])
+# and V as [blocks, kv_heads, S, head_dim], so both products are `rows_bmm` calls on contiguous
+# tiles. The softmax takes two passes over a row's splits, every step elementwise or exact:
+#   scores_j = (q . K_j) * scale, keys after the query masked to -inf
+#   m = max over every split (exact), p_j = exp(scores_j - m)
+#   l = sum_j tree_sum(p_j) in split order;  acc = sum_j p_j @ V_j in split order
+# Splits past the row's last visible one add exactly 0 to l and are skipped for acc, so a query's
+# bits are the same in decode, prefill and scoring, whatever rows and splits share its calls.
+
+ATTENTION_ELEMENTS = 1 << 23  # scores held at once (per chunk of rows or sequences)
 
 
-def _fold_split(state, scores: torch.Tensor, q_pos: torch.Tensor, split: int, pv):
-    """Fold one split into the running softmax of every row. scores [..., S] are scaled and
-    unmasked; pv(p) returns p @ V for the split. A row that sees no key of the split is left
-    exactly as it was."""
-    m, l, acc = state
-    size = scores.shape[-1]
-    key_pos = torch.arange(split * size, (split + 1) * size, device=scores.device)
-    scores = scores.masked_fill(key_pos > q_pos.unsqueeze(-1), float("-inf"))
-    m_new = torch.maximum(m, scores.amax(-1))
-    m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-    alpha = torch.exp(m - m_safe)
-    p = torch.exp(scores - m_safe.unsqueeze(-1))
-    l = l * alpha + tree_sum(p)
-    acc = acc * alpha.unsqueeze(-1) + pv(p)
-    return m_new, l, acc
+def _key_positions(splits: int, size: int, device) -> torch.Tensor:
+    return torch.arange(splits * size, device=device).view(splits, size)
 
 
-def _initial_state(rows_shape, d: int, device):
-    return (torch.full(rows_shape, float("-inf"), device=device),
-            torch.zeros(rows_shape, device=device),
-            torch.zeros(*rows_shape, d, device=device))
+def _probs(scores: torch.Tensor, q_pos: torch.Tensor, size: int):
+    """scores [..., J, S] for rows at q_pos [...]: the masked two-pass weights p [..., J, S]
+    and their total l [...]."""
+    keys = _key_positions(scores.shape[-2], size, scores.device)
+    scores = scores.masked_fill(keys > q_pos[..., None, None], float("-inf"))
+    p = torch.exp(scores - scores.amax(dim=(-2, -1), keepdim=True))
+    sums = tree_sum(p)
+    l = sums[..., 0]
+    for j in range(1, sums.shape[-1]):
+        l = l + sums[..., j]
+    return p, l
 
 
-def _attend(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, num_splits: int,
-            scale: float) -> torch.Tensor:
-    """q_rows [B, M, D] float32, q_pos [B, M]; tiles(s) -> (k_t [B, D, S], v [B, S, D])."""
-    state = _initial_state(q_rows.shape[:2], q_rows.shape[2], q_rows.device)
-    for s in range(num_splits):
-        k_t, v = tiles(s)
-        scores = rows_bmm(q_rows, k_t.to(torch.float32), "attention q.k") * scale
-        state = _fold_split(state, scores, q_pos, s,
-                            lambda p: rows_bmm(p, v.to(torch.float32), "attention p.v"))
-    _, l, acc = state
+def _combine(parts, visible: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """parts(j) -> p_j @ V_j [..., D]; visible [..., J]: whether the row sees split j."""
+    acc = parts(0)
+    for j in range(1, visible.shape[-1]):
+        acc = torch.where(visible[..., j, None], acc + parts(j), acc)
     return acc / l.unsqueeze(-1)
+
+
+def _visible(q_pos: torch.Tensor, splits: int, size: int) -> torch.Tensor:
+    return torch.arange(splits, device=q_pos.device) * size <= q_pos.unsqueeze(-1)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -278,37 +277,51 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 _last_plan: list = [(lambda: None, None)]  # [(weakref to the block tables, their plan)]
 
 
-def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: int) -> list:
-    """Per split: groups (blocks [U], seqs [U * c], c) of the sequences that read each block,
-    c sequences per block. A block shared by c sequences (a GRPO group's prompt) is read once
-    for all of them. Made once per step: every layer has the same block tables."""
+def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: int,
+                 heads: int) -> list:
+    """Chunks of sequences (lo, hi, splits, groups) whose scores fit ATTENTION_ELEMENTS; in
+    each, groups (blocks [U], pairs [U * c], their sequences [U * c], c) of the (sequence,
+    split) pairs that read each block, c per block, pair = local sequence * splits + split: a
+    block shared by c
+    sequences (a GRPO group's prompt) is read once for all of them. Made once per step: every
+    layer has the same block tables."""
     ref, plan = _last_plan[0]
-    if ref() is not block_tables:
-        tables, lens = block_tables.tolist(), context_lens.tolist()
-        plan = []
-        for s in range(-(-max(lens) // size)):
-            readers: dict[int, list[int]] = {}
-            for i, (table, n) in enumerate(zip(tables, lens)):
-                if s * size < n:
-                    readers.setdefault(table[s], []).append(i)
-            by_count: dict[int, tuple[list[int], list[int]]] = {}
-            for block, seqs in readers.items():
-                blocks, rows = by_count.setdefault(len(seqs), ([], []))
-                blocks.append(block)
-                rows.extend(seqs)
-            plan.append([(torch.tensor(b, device=block_tables.device),
-                          torch.tensor(r, device=block_tables.device), c)
-                         for c, (b, r) in sorted(by_count.items())])
-        _last_plan[0] = (weakref.ref(block_tables), plan)
+    if ref() is block_tables:
+        return plan
+    tables, lens = block_tables.tolist(), context_lens.tolist()
+    plan, lo = [], 0
+    while lo < len(lens):
+        hi, splits = lo, 0
+        while hi < len(lens):
+            wider = max(splits, -(-lens[hi] // size))
+            if hi > lo and (hi + 1 - lo) * wider * size * heads > ATTENTION_ELEMENTS:
+                break
+            hi, splits = hi + 1, wider
+        readers: dict[tuple[int, int], list[int]] = {}
+        for i in range(lo, hi):
+            for s in range(-(-lens[i] // size)):
+                readers.setdefault((tables[i][s], s), []).append((i - lo) * splits + s)
+        by_count: dict[int, tuple[list[int], list[int]]] = {}
+        for (block, _), pairs in readers.items():
+            blocks, rows = by_count.setdefault(len(pairs), ([], []))
+            blocks.append(block)
+            rows.extend(pairs)
+        device = block_tables.device
+        groups = [(torch.tensor(b, device=device), torch.tensor(r, device=device),
+                   torch.tensor(r, device=device) // splits, c)
+                  for c, (b, r) in sorted(by_count.items())]
+        plan.append((lo, hi, splits, groups))
+        lo = hi
+    _last_plan[0] = (weakref.ref(block_tables), plan)
     return plan
 
 
-def _grouped(x: torch.Tensor, seqs: torch.Tensor, c: int) -> torch.Tensor:
-    """Rows of the sequences that share a block, stacked: [N, H, g, X] -> [U * H, c * g, X]."""
-    u = seqs.numel() // c
+def _grouped(x: torch.Tensor, rows: torch.Tensor, c: int) -> torch.Tensor:
+    """Rows that share a block, stacked: [P, H, g, X] -> [U * H, c * g, X]."""
+    u = rows.numel() // c
     _, h, g, last = x.shape
-    rows = x.index_select(0, seqs).reshape(u, c, h, g, last).transpose(1, 2)
-    return rows.reshape(u * h, c * g, last)
+    out = x.index_select(0, rows).reshape(u, c, h, g, last).transpose(1, 2)
+    return out.reshape(u * h, c * g, last)
 
 
 def _ungrouped(y: torch.Tensor, c: int, h: int, g: int) -> torch.Tensor:
@@ -317,38 +330,43 @@ def _ungrouped(y: torch.Tensor, c: int, h: int, g: int) -> torch.Tensor:
     return y.reshape(u, h, c, g, y.shape[-1]).transpose(1, 2).reshape(u * c, h, g, y.shape[-1])
 
 
+def _per_block(x: torch.Tensor, cache: torch.Tensor, groups, out: torch.Tensor, op: str,
+               by_sequence: bool = False) -> None:
+    """out[pair] = x[pair] @ cache[block] for every group, out [P, H, g, Y]; x [P, H, g, X],
+    or [sequences, H, g, X] (by_sequence: the pair's query is its sequence's)."""
+    _, h, g, _ = x.shape
+    for blocks, pairs, seqs, c in groups:
+        tiles = cache.index_select(0, blocks).reshape(-1, *cache.shape[2:]).to(torch.float32)
+        rows = _grouped(x, seqs if by_sequence else pairs, c)
+        out.index_copy_(0, pairs, _ungrouped(rows_bmm(rows, tiles, op), c, h, g))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """One new query per sequence. q [N, H, D]; block_tables [N, max_blocks]; context_lens [N]
     counts the keys, the query's own included. Returns [N, H, D] in q's dtype.
 
-    Each split reads every block once: the query rows of all sequences sharing the block are
-    stacked into one `rows_bmm` (a row's bits do not depend on how many sequences share it)."""
+    Every (sequence, split) pair that reads a block is stacked with the others reading it into
+    one `rows_bmm` (a row's bits do not depend on how many rows share the call)."""
     n, h, d = q.shape
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
-    rows = h // kv_heads
-    q4 = q.to(torch.float32).reshape(n, kv_heads, rows, d)
-    q_pos = (context_lens - 1).view(n, 1, 1).expand(n, kv_heads, rows)
-    state = _initial_state((n, kv_heads, rows), d, q.device)
-    for s, groups in enumerate(_decode_plan(block_tables, context_lens, size)):
-        scores = torch.full((n, kv_heads, rows, size), float("-inf"), device=q.device)
-        for blocks, seqs, c in groups:
-            k_t = k_cache.index_select(0, blocks).reshape(-1, d, size).to(torch.float32)
-            part = rows_bmm(_grouped(q4, seqs, c), k_t, "attention q.k") * scale
-            scores[seqs] = _ungrouped(part, c, kv_heads, rows)
-
-        def pv(p, groups=groups):
-            out = torch.zeros(n, kv_heads, rows, d, device=q.device)
-            for blocks, seqs, c in groups:
-                v = v_cache.index_select(0, blocks).reshape(-1, size, d).to(torch.float32)
-                out[seqs] = _ungrouped(rows_bmm(_grouped(p, seqs, c), v, "attention p.v"),
-                                       c, kv_heads, rows)
-            return out
-
-        state = _fold_split(state, scores, q_pos, s, pv)
-    _, l, acc = state
-    return (acc / l.unsqueeze(-1)).reshape(n, h, d).to(q.dtype)
+    g = h // kv_heads
+    q4 = q.to(torch.float32).reshape(n, kv_heads, g, d)
+    out = torch.empty(n, kv_heads, g, d)
+    for lo, hi, splits, groups in _decode_plan(block_tables, context_lens, size, h):
+        m = hi - lo
+        scores = torch.empty(m * splits, kv_heads, g, size)
+        _per_block(q4[lo:hi], k_cache, groups, scores, "attention q.k", by_sequence=True)
+        scores = (scores * scale).view(m, splits, kv_heads, g, size).permute(0, 2, 3, 1, 4)
+        q_pos = (context_lens[lo:hi] - 1).view(m, 1, 1).expand(m, kv_heads, g)
+        p, l = _probs(scores, q_pos, size)
+        pv = torch.empty(m * splits, kv_heads, g, d)
+        _per_block(p.permute(0, 3, 1, 2, 4).reshape(m * splits, kv_heads, g, size), v_cache,
+                   groups, pv, "attention p.v")
+        pv = pv.view(m, splits, kv_heads, g, d)
+        out[lo:hi] = _combine(lambda j: pv[:, j], _visible(q_pos, splits, size), l)
+    return out.reshape(n, h, d).to(q.dtype)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -356,7 +374,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       scale: float) -> torch.Tensor:
     """A run of consecutive queries of one sequence (a prefill chunk). q [L, H, D]; positions [L];
     block_table [num_blocks] covers every key up to the last position. Returns [L, H, D]."""
-    length, h, d = q.shape
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     num_splits = int(positions[-1].item()) // size + 1
 
@@ -367,13 +384,30 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, scale)
 
 
+def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, splits: int,
+                 size: int, scale: float) -> torch.Tensor:
+    """q_rows [B, R, D] float32, q_pos [B, R]; tiles(s) -> (k_t [B, D, S], v [B, S, D])."""
+    blocks = [tuple(t.to(torch.float32) for t in tiles(s)) for s in range(splits)]
+    scores = torch.stack([rows_bmm(q_rows, k_t, "attention q.k") for k_t, _ in blocks], dim=2)
+    p, l = _probs(scores * scale, q_pos, size)
+    return _combine(lambda j: rows_bmm(p[:, :, j].contiguous(), blocks[j][1], "attention p.v"),
+                    _visible(q_pos, splits, size), l)
+
+
 def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, scale):
     length, h, d = q.shape
     group = h // kv_heads
+    size = tiles(0)[1].shape[-2]
+    rows = length * group
     q_rows = (q.to(torch.float32).reshape(length, kv_heads, group, d)
-              .permute(1, 0, 2, 3).reshape(kv_heads, length * group, d))
-    q_pos = positions.repeat_interleave(group).unsqueeze(0).expand(kv_heads, -1).contiguous()
-    out = _attend(q_rows, q_pos, tiles, num_splits, scale)
+              .permute(1, 0, 2, 3).reshape(kv_heads, rows, d))
+    q_pos = positions.repeat_interleave(group).unsqueeze(0).expand(kv_heads, -1)
+    step = max(1, ATTENTION_ELEMENTS // (kv_heads * num_splits * size))
+    out = torch.empty(kv_heads, rows, d)
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        last = int(q_pos[0, hi - 1].item()) // size + 1  # later splits are masked for these rows
+        out[:, lo:hi] = _attend_rows(q_rows[:, lo:hi], q_pos[:, lo:hi], tiles, last, size, scale)
     return (out.reshape(kv_heads, length, group, d).permute(1, 0, 2, 3)
             .reshape(length, h, d).to(q.dtype))
 
