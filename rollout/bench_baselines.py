@@ -6,6 +6,7 @@ Run as `python -m rollout.bench_baselines vllm JSON_ARGS` for the vLLM side."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -75,20 +76,42 @@ def run_hf(path: str, workload: Workload, dtype: torch.dtype, device: torch.devi
                       "generated_tokens": generated})
 
 
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+def vllm_available(python: str | None = None) -> bool:
+    """Whether vllm imports here, or in the interpreter `python` (its own venv)."""
+    if python is None:
+        return importlib.util.find_spec("vllm") is not None
+    try:
+        return subprocess.run([python, "-c", "import vllm"], capture_output=True,
+                              timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
-def run_vllm(path: str, workload: Workload, dtype: torch.dtype, kv_cache_bytes: int) -> RunResult:
-    """vLLM in a child process (its own memory and threads, gone afterwards), with the KV cache
-    memory this engine had (on the CPU vLLM otherwise reserves 92% of the host's memory).
-    Its CPU threads are vLLM's defaults (VLLM_CPU_* variables pass through)."""
+def _vllm_env(python: str | None) -> dict[str, str]:
+    """The child's environment: this package importable from vLLM's own venv, and on the CPU
+    the same cores this engine computes on (vLLM's default on a small machine keeps one core
+    back for itself). VLLM_* variables already set win."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    cores = sorted(os.sched_getaffinity(0))[:torch.get_num_threads()]
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return env
+
+
+def run_vllm(path: str, workload: Workload, dtype: torch.dtype, kv_cache_bytes: int,
+             python: str | None = None) -> RunResult:
+    """vLLM in a child process (its own memory and threads, gone afterwards; `python`: an
+    interpreter of vLLM's own venv), with the KV cache memory this engine had (on the CPU vLLM
+    otherwise reserves 92% of the host's memory) and, on the CPU, this engine's cores."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         args = {"path": path, "workload": asdict(workload), "kv_cache_bytes": kv_cache_bytes,
                 "dtype": str(dtype).removeprefix("torch."), "out": str(out)}
-        done = subprocess.run([sys.executable, "-m", "rollout.bench_baselines", "vllm",
-                               json.dumps(args)], capture_output=True, text=True, timeout=3600)
+        done = subprocess.run([python or sys.executable, "-m", "rollout.bench_baselines", "vllm",
+                               json.dumps(args)], capture_output=True, text=True, timeout=3600,
+                              env=_vllm_env(python))
         if done.returncode != 0 or not out.is_file():
             errors = [line for line in done.stderr.splitlines() if "Error" in line]
             tail = "\n".join((errors or done.stderr.strip().splitlines())[-3:])

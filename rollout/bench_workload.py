@@ -109,6 +109,7 @@ class BenchOptions:
     baselines: tuple[str, ...] = ()
     hf_prompts_per_call: int = 4
     progress: bool = True
+    vllm_python: str | None = None  # an interpreter with vllm installed; None: this one
     emit: Callable[[str], None] = _print
 
 

@@ -63,7 +63,7 @@ def cmd_bench(args) -> int:
     workload = bench.Workload(args.num_prompts, args.n, args.min_prompt_len,
                               args.max_prompt_len, args.max_tokens, args.seed)
     options = bench.BenchOptions(tuple(args.baseline or ()), args.hf_prompts_per_call,
-                                 not args.no_progress)
+                                 not args.no_progress, args.vllm_python)
     report = {"machine": machine(), "model": args.model or f"built-in preset {DEFAULT_PRESET}",
               "command": "rollout " + " ".join(sys.argv[1:]), "suites": {}}
     print(f"machine: {report['machine']}\nmodel: {report['model']}")
@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--seed", type=int, default=w.seed)
     bench.add_argument("--hf-prompts-per-call", type=int, default=o.hf_prompts_per_call,
                        help="prompts per transformers generate call (x n sequences)")
+    bench.add_argument("--vllm-python", metavar="PYTHON",
+                       help="a Python interpreter with vllm installed, for --baseline vllm "
+                            "(vLLM's CPU build wants its own transformers: give it its own "
+                            "venv); default: this interpreter")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(func=cmd_bench)
 
