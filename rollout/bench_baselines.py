@@ -113,9 +113,13 @@ def run_vllm(path: str, workload: Workload, dtype: torch.dtype, kv_cache_bytes: 
                                json.dumps(args)], capture_output=True, text=True, timeout=3600,
                               env=_vllm_env(python))
         if done.returncode != 0 or not out.is_file():
+            fd, log = tempfile.mkstemp(prefix="rollout-vllm-", suffix=".log")
+            with os.fdopen(fd, "w") as f:
+                f.write(done.stdout + done.stderr)
             errors = [line for line in done.stderr.splitlines() if "Error" in line]
             tail = "\n".join((errors or done.stderr.strip().splitlines())[-3:])
-            raise RuntimeError(f"the vLLM baseline exited with {done.returncode}:\n{tail}")
+            raise RuntimeError(f"the vLLM baseline exited with {done.returncode} (its whole "
+                               f"output: {log}):\n{tail}")
         data = json.loads(out.read_text())
     return RunResult("vllm", data["seconds"], workload.prompt_tokens, data["output_tokens"],
                      {"vllm_version": data["version"], "kv_cache_bytes": kv_cache_bytes})
@@ -125,8 +129,11 @@ def _vllm_child(path: str, workload: dict, dtype: str, kv_cache_bytes: int, out:
     import vllm
     w = Workload(**workload)
     prompts = [{"prompt_token_ids": p} for p in w.prompts(_vocab_size(path))]
+    # No per-request seeds: vLLM 0.32's CPU runner fails on a seeded request whose prefill is
+    # chunked ("CPU Generator does not use offset"); the engine-wide seed is the workload's.
+    # Unseeded sampling is also vLLM's faster path, so this favours vLLM.
     params = [vllm.SamplingParams(n=p.n, temperature=1.0, top_p=1.0, max_tokens=p.max_tokens,
-                                  ignore_eos=True, seed=p.seed, detokenize=False)
+                                  ignore_eos=True, detokenize=False)
               for p in w.params()]
     llm = vllm.LLM(model=path, dtype=dtype, seed=w.seed, kv_cache_memory_bytes=kv_cache_bytes,
                    max_model_len=w.max_prompt_len + w.max_tokens + 16)
