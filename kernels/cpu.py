@@ -16,6 +16,7 @@ never on how many rows came with it or where the row sat. How:
 
 import weakref
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,6 @@ from kernels.composite import tree_sum
 from kernels.invariance import Plan
 
 _plans: dict[tuple, tuple[Plan, invariance.Verdict]] = {}
-_split_cache: dict[tuple, bool] = {}
 
 
 def blas_mm(a: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> None:
@@ -52,7 +52,6 @@ def owned_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def reset() -> None:
     """Forget every plan and verdict (for tests that swap the BLAS calls)."""
     _plans.clear()
-    _split_cache.clear()
     _ones.clear()
     invariance.reset()
 
@@ -163,37 +162,22 @@ def matmul(x: torch.Tensor, w_t: torch.Tensor, op: str = "matmul") -> torch.Tens
     return _tiled_mm(x.contiguous(), w_t, mm_plan(w_t, op))
 
 
-def needs_splits(w: torch.Tensor, splits: tuple[int, ...]) -> bool:
-    """Whether a fused weight must be computed part by part to give the parts' bits: BLAS
-    results can depend on the column count. Measured once per (shape, splits, dtype, threads)."""
-    key = (tuple(w.shape), splits, w.dtype, torch.get_num_threads())
-    if key not in _split_cache:
-        gen = torch.Generator().manual_seed(1)
-        probe = torch.randn(invariance.TILE_CANDIDATES[-1] + 3, w.shape[1], generator=gen)
-        probe = probe.to(w.dtype)
-        fused = matmul(probe, w.t(), "linear")
-        parts, start = [], 0
-        for size in splits:
-            parts.append(matmul(probe, w[start:start + size].t(), "linear"))
-            start += size
-        _split_cache[key] = not torch.equal(fused, torch.cat(parts, dim=-1))
-    return _split_cache[key]
+def _parts(w: torch.Tensor, splits: tuple[int, ...]) -> list[torch.Tensor]:
+    bounds = [0, *accumulate(splits)]
+    return [w[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            splits: tuple[int, ...] | None = None) -> torch.Tensor:
     """F.linear, batch invariant. `splits` names the parts of a fused weight (q/k/v, gate/up):
-    where the fused product would give a part other bits than the part alone, the parts are
-    computed one by one, so the fused layer matches the separate projections bitwise."""
+    each part is its own product, the very call a trainer's separate projection makes (BLAS
+    bits can depend on the column count; on this CPU the split costs about what the fused call
+    does)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if splits is None or not needs_splits(w, splits):
+    if splits is None:
         out = matmul(x2, w.t(), "linear")
     else:
-        parts, start = [], 0
-        for size in splits:
-            parts.append(matmul(x2, w[start:start + size].t(), "linear"))
-            start += size
-        out = torch.cat(parts, dim=-1)
+        out = torch.cat([matmul(x2, part.t(), "linear") for part in _parts(w, splits)], dim=-1)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], w.shape[0])
@@ -206,10 +190,7 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
     attention products. Returns their verdicts."""
     verdicts = []
     for w, splits in linears:
-        parts = [w]
-        if splits is not None and needs_splits(w, splits):
-            bounds = [0, *torch.tensor(splits).cumsum(0).tolist()]
-            parts = [w[a:b] for a, b in zip(bounds, bounds[1:])]
+        parts = [w] if splits is None else _parts(w, splits)
         verdicts += [_mm_decided(part.t(), "linear")[1] for part in parts]
     for n in row_lengths:
         verdicts.append(_mm_decided(_ones_column(n, torch.float32, torch.device("cpu")),

@@ -120,21 +120,32 @@ def _hardware(engine: Engine, run: RunResult, workload: Workload) -> tuple[list[
 
 def _engine_runs(model: str | None, workload: Workload, dtype: str, options: BenchOptions,
                  **engine_kwargs) -> tuple[list[RunResult], list[str], dict, float]:
-    """The deterministic engine (phases, hardware lines), then deterministic=False."""
-    runs, lines, data, proofs = [], [], {}, 0.0
-    for deterministic in (True, False):
-        engine = Engine(model, dtype=dtype, deterministic=deterministic, **engine_kwargs)
-        label = "rollout" if deterministic else "rollout deterministic=False"
-        runs.append(run_engine(engine, workload, label, options.progress))
-        if deterministic:
-            proofs = engine.runner.kernel_prepare_seconds
-            phase_lines, data["phases_s"] = _phase_lines(runs[-1])
-            hw_lines, data["hardware"] = _hardware(engine, runs[-1], workload)
-            lines += phase_lines + hw_lines
-        engine.shutdown()
-        del engine
-        gc.collect()
-    return runs, lines, data, proofs
+    """The deterministic engine (phases, hardware lines), then deterministic=False, each on a
+    fresh engine; with options.repeat > 1 the pair runs that many times, alternating, and each
+    mode reports its fastest run (a busy moment of the machine then hits one run, not the
+    ratio)."""
+    best: dict[bool, RunResult] = {}
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    lines, data, proofs = [], {}, 0.0
+    for round_ in range(options.repeat):
+        for deterministic in (True, False):
+            engine = Engine(model, dtype=dtype, deterministic=deterministic, **engine_kwargs)
+            label = "rollout" if deterministic else "rollout deterministic=False"
+            run = run_engine(engine, workload, label, options.progress)
+            seconds[deterministic].append(run.seconds)
+            if deterministic and round_ == 0:
+                proofs = engine.runner.kernel_prepare_seconds
+                phase_lines, data["phases_s"] = _phase_lines(run)
+                hw_lines, data["hardware"] = _hardware(engine, run, workload)
+                lines += phase_lines + hw_lines
+            if deterministic not in best or run.seconds < best[deterministic].seconds:
+                best[deterministic] = run
+            engine.shutdown()
+            del engine
+            gc.collect()
+    for deterministic, run in best.items():
+        run.extra["runs_s"] = seconds[deterministic]
+    return [best[True], best[False]], lines, data, proofs
 
 
 def _baseline_runs(path: str, workload: Workload, engine_run: RunResult,
@@ -200,10 +211,12 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
         table, ratios = _table(dt, runs + baselines)
         det, fast = runs
         cost = fast.total_tokens_per_s / det.total_tokens_per_s - 1
+        best_of = (f"best of {options.repeat} alternating runs each: "
+                   if options.repeat > 1 else "")
         for line in table + notes + [
-                f"  cost of deterministic=True, {dt}: {cost * 100:+.1f}% time (throughput ratio "
-                f"det/fast = {det.total_tokens_per_s / fast.total_tokens_per_s:.3f}; proofs at "
-                f"start {proofs:.1f} s, not timed)"]:
+                f"  cost of deterministic=True, {dt}: {cost * 100:+.1f}% time ({best_of}"
+                f"throughput ratio det/fast = {det.total_tokens_per_s / fast.total_tokens_per_s:.3f}"
+                f"; proofs at start {proofs:.1f} s, not timed)"]:
             options.emit(line)
         details += engine_lines
         data[dt] = {"systems": {r.system: r.to_json() for r in runs + baselines}, **ratios,

@@ -63,7 +63,7 @@ def cmd_bench(args) -> int:
     workload = bench.Workload(args.num_prompts, args.n, args.min_prompt_len,
                               args.max_prompt_len, args.max_tokens, args.seed)
     options = bench.BenchOptions(tuple(args.baseline or ()), args.hf_prompts_per_call,
-                                 not args.no_progress, args.vllm_python)
+                                 not args.no_progress, args.vllm_python, args.repeat)
     report = {"machine": machine(), "model": args.model or f"built-in preset {DEFAULT_PRESET}",
               "command": "rollout " + " ".join(sys.argv[1:]), "suites": {}}
     print(f"machine: {report['machine']}\nmodel: {report['model']}")
@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="a Python interpreter with vllm installed, for --baseline vllm "
                             "(vLLM's CPU build wants its own transformers: give it its own "
                             "venv); default: this interpreter")
+    bench.add_argument("--repeat", type=int, default=o.repeat,
+                       help="run the engine this many times per mode, alternating "
+                            "deterministic=True and False, and report each mode's fastest run")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(func=cmd_bench)
 

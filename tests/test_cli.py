@@ -51,14 +51,21 @@ def test_doctor_prints_what_runs_and_whether_invariance_is_guaranteed(qwen3_path
     assert fast.returncode == 1 and "NOT GUARANTEED (deterministic=False)" in fast.stdout
 
 
+def test_bench_refuses_a_bad_repeat_count():
+    done = run_cli("bench", "throughput", "--repeat", "0")
+    assert done.returncode != 0 and "repeat must be >= 1, got 0" in done.stderr
+
+
 def test_bench_against_transformers_writes_every_figure(qwen3_path, tmp_path):
     report = tmp_path / "bench.json"
     done = run_cli("bench", "throughput", "--model", str(qwen3_path), "--dtype", "float32",
                    "--baseline", "hf", "--baseline", "vllm", "--json", str(report),
                    "--num-prompts", "3", "--n", "2", "--min-prompt-len", "20",
-                   "--max-prompt-len", "60", "--max-tokens", "8", "--no-progress")
+                   "--max-prompt-len", "60", "--max-tokens", "8", "--repeat", "2",
+                   "--no-progress")
     assert done.returncode == 0, done.stderr
     assert "speedup_vs_hf (float32):" in done.stdout
+    assert "best of 2 alternating runs each" in done.stdout
     assert "where the time goes (rollout, float32)" in done.stdout
     assert "decode at batch 1:" in done.stdout and "GFLOP/s" in done.stdout
     if importlib.util.find_spec("vllm") is None:
@@ -74,5 +81,8 @@ def test_bench_against_transformers_writes_every_figure(qwen3_path, tmp_path):
     assert systems["transformers"]["generated_tokens"] >= asked
     assert f32["speedup_vs_hf"] == (systems["rollout"]["output_tokens_per_s"]
                                     / systems["transformers"]["output_tokens_per_s"])
+    for name in ("rollout", "rollout deterministic=False"):
+        assert len(systems[name]["runs_s"]) == 2
+        assert systems[name]["seconds"] == min(systems[name]["runs_s"])
     assert f32["phases_s"]["decode forward (decode-only steps)"] > 0
     assert 0 < f32["hardware"]["achieved_flops_per_s"] < f32["hardware"]["matmul_flops_per_s"]
