@@ -107,18 +107,20 @@ def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, plan: Plan) -> torch.Tensor:
     """x [M, K] @ w_t [K, N] in the plan's row tiles (or in our own order)."""
     if not plan.blas:
         return owned_mm(x, w_t)
-    m = x.shape[0]
-    out = torch.empty(m, w_t.shape[1], dtype=x.dtype, device=x.device)
-    for start, rows, tile in plan.chunks(m):
+    m, n = x.shape[0], w_t.shape[1]
+    chunks = plan.chunks(m)
+    # a last tile padded with zero rows computes into a tile-sized output; alone, it is the
+    # output (its first rows), with no copy
+    out = torch.empty(max(m, chunks[-1][0] + chunks[-1][2]), n, dtype=x.dtype, device=x.device)
+    for start, rows, tile in chunks:
         if rows == tile:
             blas_mm(x[start:start + tile], w_t, out[start:start + tile])
         else:
-            pad = torch.zeros(tile, x.shape[1], dtype=x.dtype, device=x.device)
+            pad = torch.empty(tile, x.shape[1], dtype=x.dtype, device=x.device)
             pad[:rows] = x[start:]
-            part = torch.empty(tile, w_t.shape[1], dtype=x.dtype, device=x.device)
-            blas_mm(pad, w_t, part)
-            out[start:] = part[:rows]
-    return out
+            pad[rows:].zero_()
+            blas_mm(pad, w_t, out[start:start + tile])
+    return out[:m]
 
 
 def rows_bmm(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
