@@ -265,9 +265,8 @@ def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: i
     """Chunks of sequences (lo, hi, splits, groups) whose scores fit ATTENTION_ELEMENTS; in
     each, groups (blocks [U], pairs [U * c], their sequences [U * c], c) of the (sequence,
     split) pairs that read each block, c per block, pair = local sequence * splits + split: a
-    block shared by c
-    sequences (a GRPO group's prompt) is read once for all of them. Made once per step: every
-    layer has the same block tables."""
+    block shared by c sequences (a GRPO group's prompt) is read once for all of them. Made once
+    per step: every layer has the same block tables."""
     ref, plan = _last_plan[0]
     if ref() is block_tables:
         return plan
@@ -290,9 +289,9 @@ def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: i
             blocks.append(block)
             rows.extend(pairs)
         device = block_tables.device
-        groups = [(torch.tensor(b, device=device), torch.tensor(r, device=device),
-                   torch.tensor(r, device=device) // splits, c)
-                  for c, (b, r) in sorted(by_count.items())]
+        groups = [(torch.tensor(b, device=device), pairs, pairs // splits, c)
+                  for c, (b, r) in sorted(by_count.items())
+                  for pairs in [torch.tensor(r, device=device)]]
         plan.append((lo, hi, splits, groups))
         lo = hi
     _last_plan[0] = (weakref.ref(block_tables), plan)
@@ -364,7 +363,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         blk = block_table[s]
         return k_cache[blk], v_cache[blk]
 
-    return _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, scale)
+    return _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale)
 
 
 def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, splits: int,
@@ -377,10 +376,9 @@ def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, splits: int,
                     _visible(q_pos, splits, size), l)
 
 
-def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, scale):
+def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
     length, h, d = q.shape
     group = h // kv_heads
-    size = tiles(0)[1].shape[-2]
     rows = length * group
     q_rows = (q.to(torch.float32).reshape(length, kv_heads, group, d)
               .permute(1, 0, 2, 3).reshape(kv_heads, rows, d))
@@ -408,7 +406,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     v_tiles = v.permute(0, 2, 1, 3).contiguous()  # [splits, kv_heads, S, D]
     positions = torch.arange(length, device=q.device)
     return _dense_rows_attend(q, positions, kv_heads, lambda s: (k_tiles[s], v_tiles[s]),
-                              num_splits, scale)
+                              num_splits, split_size, scale)
 
 
 # ---------------------------------------------------------------- composite ops on row_sum

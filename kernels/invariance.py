@@ -60,9 +60,8 @@ class Plan:
         if not best:
             best[0] = (0.0, 0)
         for r in range(len(best), rows + 1):
-            best[r] = min((self._cost(i) + best[max(r - t, 0)][0], -t)
-                          for i, t in enumerate(self.tiles))
-            best[r] = (best[r][0], -best[r][1])
+            best[r] = min(((self._cost(i) + best[max(r - t, 0)][0], t)
+                           for i, t in enumerate(self.tiles)), key=lambda ct: (ct[0], -ct[1]))
         return best[rows][1]
 
     def chunks(self, rows: int) -> list[tuple[int, int, int]]:

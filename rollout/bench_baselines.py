@@ -4,6 +4,7 @@ transformers `generate`, batched as a careful user would, and vLLM's offline `LL
 
 Run as `python -m rollout.bench_baselines vllm JSON_ARGS` for the vLLM side."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -76,8 +77,9 @@ def run_hf(path: str, workload: Workload, dtype: torch.dtype, device: torch.devi
                       "generated_tokens": generated})
 
 
+@functools.cache
 def vllm_available(python: str | None = None) -> bool:
-    """Whether vllm imports here, or in the interpreter `python` (its own venv)."""
+    """Whether vllm imports here, or in the interpreter `python` (its own venv); asked once."""
     if python is None:
         return importlib.util.find_spec("vllm") is not None
     try:
