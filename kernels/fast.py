@@ -1,7 +1,8 @@
 """The fastest plain torch ops, for `deterministic=False`: results may vary with the batch.
 
-Only the ops where the vendor kernel is faster are swapped: BLAS/cuBLAS linear (its kernel and
-its bits depend on the row count) and torch's own reductions. Attention over the paged cache
+Only the ops where the vendor kernel is faster are swapped: the vendor linear, fused weights in
+one call (cuBLAS; oneDNN on the CPU, faster there than torch's MKL path; its kernel and its bits
+depend on the row count) and torch's own reductions. Attention over the paged cache
 keeps the split kernel of the deterministic backend: gathering a paged cache into the layout
 torch's SDPA wants costs more than the split kernel does (measured by `rollout bench`).
 """
@@ -15,8 +16,14 @@ from kernels import composite, invariance
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           splits: tuple[int, ...] | None = None) -> torch.Tensor:
-    return F.linear(x, w, bias)
+           splits: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """A fused weight (`splits`) runs as one product; its parts come back as views."""
+    if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and x.dtype in (
+            torch.float32, torch.bfloat16):
+        out = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    else:
+        out = F.linear(x, w, bias)
+    return out if splits is None else list(out.split(splits, dim=-1))
 
 
 def _row_sum(x: torch.Tensor) -> torch.Tensor:

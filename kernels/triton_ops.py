@@ -63,13 +63,14 @@ def matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           splits: tuple[int, ...] | None = None) -> torch.Tensor:
-    """A column's bits do not depend on the other columns here, so fused weights need no
-    splitting."""
+           splits: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """A column's bits do not depend on the other columns here, so a fused weight runs as one
+    product; its parts (`splits`) come back as views."""
     out = matmul(x.reshape(-1, x.shape[-1]), w.t())
     if bias is not None:
         out = out + bias
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    out = out.reshape(*x.shape[:-1], w.shape[0])
+    return out if splits is None else list(out.split(splits, dim=-1))
 
 
 # ---------------------------------------------------------------- row reductions

@@ -6,7 +6,8 @@ from kernels import Ops
 
 class Linear(nn.Module):
     """y = x W^T + b. A fused layer lists its parts in `splits` (output rows of each part):
-    checkpoints load part by part and the deterministic kernel computes part by part."""
+    checkpoints load part by part, the deterministic kernel computes part by part, and the
+    layer returns the parts (a list of tensors)."""
 
     def __init__(self, ops: Ops, in_features: int, splits: tuple[int, ...], bias: bool):
         super().__init__()
@@ -16,5 +17,5 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.ops.linear(x, self.weight, self.bias, self.splits)
