@@ -222,6 +222,7 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
 # bits are the same in decode, prefill and scoring, whatever rows and splits share its calls.
 
 ATTENTION_ELEMENTS = 1 << 23  # scores held at once (per chunk of rows or sequences)
+SUBNORMAL_EXP = -87.0  # exp of less is below float32's smallest normal (2^-126 = e^-87.34)
 
 
 def _key_positions(splits: int, size: int, device) -> torch.Tensor:
@@ -233,7 +234,10 @@ def _probs(scores: torch.Tensor, q_pos: torch.Tensor, size: int):
     and their total l [...]."""
     keys = _key_positions(scores.shape[-2], size, scores.device)
     scores = scores.masked_fill(keys > q_pos[..., None, None], float("-inf"))
-    p = torch.exp(scores - scores.amax(dim=(-2, -1), keepdim=True))
+    scores = scores - scores.amax(dim=(-2, -1), keepdim=True)
+    # weights below the smallest normal float are 0: exp is 20x slower on subnormal results,
+    # and a sum of at least 1 (the maximum's weight) cannot see them
+    p = torch.exp(scores.masked_fill_(scores < SUBNORMAL_EXP, float("-inf")))
     sums = tree_sum(p)
     l = sums[..., 0]
     for j in range(1, sums.shape[-1]):
@@ -268,10 +272,10 @@ _last_plan: list = [(lambda: None, None)]  # [(weakref to the block tables, thei
 def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: int,
                  heads: int) -> list:
     """Chunks of sequences (lo, hi, splits, groups) whose scores fit ATTENTION_ELEMENTS; in
-    each, groups (blocks [U], pairs [U * c], their sequences [U * c], c) of the (sequence,
-    split) pairs that read each block, c per block, pair = local sequence * splits + split: a
-    block shared by c sequences (a GRPO group's prompt) is read once for all of them. Made once
-    per step: every layer has the same block tables."""
+    each, groups (spans of its U blocks, pairs [U * c], their sequences [U * c], c) of the
+    (sequence, split) pairs that read each block, c per block, pair = local sequence * splits +
+    split: a block shared by c sequences (a GRPO group's prompt) is read once for all of them.
+    Made once per step: every layer has the same block tables."""
     ref, plan = _last_plan[0]
     if ref() is block_tables:
         return plan
@@ -288,15 +292,15 @@ def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: i
         for i in range(lo, hi):
             for s in range(-(-lens[i] // size)):
                 readers.setdefault((tables[i][s], s), []).append((i - lo) * splits + s)
-        by_count: dict[int, tuple[list[int], list[int]]] = {}
+        by_count: dict[int, list[tuple[int, list[int]]]] = {}
         for (block, _), pairs in readers.items():
-            blocks, rows = by_count.setdefault(len(pairs), ([], []))
-            blocks.append(block)
-            rows.extend(pairs)
-        device = block_tables.device
-        groups = [(torch.tensor(b, device=device), pairs, pairs // splits, c)
-                  for c, (b, r) in sorted(by_count.items())
-                  for pairs in [torch.tensor(r, device=device)]]
+            by_count.setdefault(len(pairs), []).append((block, pairs))
+        groups = []
+        for c, entries in sorted(by_count.items()):
+            entries.sort()
+            pairs = torch.tensor([p for _, ps in entries for p in ps], device=block_tables.device)
+            groups.append((_spans([b for b, _ in entries], block_tables.device), pairs,
+                           pairs // splits, c))
         plan.append((lo, hi, splits, groups))
         lo = hi
     _last_plan[0] = (weakref.ref(block_tables), plan)
@@ -317,15 +321,40 @@ def _ungrouped(y: torch.Tensor, c: int, h: int, g: int) -> torch.Tensor:
     return y.reshape(u, h, c, g, y.shape[-1]).transpose(1, 2).reshape(u * c, h, g, y.shape[-1])
 
 
+MIN_RUN = 2  # consecutive cache blocks read in place; shorter runs are gathered together
+
+
+def _spans(blocks: list[int], device) -> list[tuple]:
+    """(which of the U blocks, which cache blocks) for the U blocks (ascending ids): each run
+    of at least MIN_RUN consecutive ids as two slices (read in place, no copy), the rest as two
+    index tensors (gathered in one copy)."""
+    spans, rest, lo = [], [], 0
+    for i in range(1, len(blocks) + 1):
+        if i < len(blocks) and blocks[i] == blocks[i - 1] + 1:
+            continue
+        if i - lo >= MIN_RUN:
+            spans.append((slice(lo, i), slice(blocks[lo], blocks[i - 1] + 1)))
+        else:
+            rest.extend(range(lo, i))
+        lo = i
+    if rest:
+        spans.append((torch.tensor(rest, device=device),
+                      torch.tensor([blocks[i] for i in rest], device=device)))
+    return spans
+
+
 def _per_block(x: torch.Tensor, cache: torch.Tensor, groups, out: torch.Tensor, op: str,
                by_sequence: bool = False) -> None:
     """out[pair] = x[pair] @ cache[block] for every group, out [P, H, g, Y]; x [P, H, g, X],
     or [sequences, H, g, X] (by_sequence: the pair's query is its sequence's)."""
     _, h, g, _ = x.shape
-    for blocks, pairs, seqs, c in groups:
-        tiles = cache[blocks].reshape(-1, *cache.shape[2:]).to(torch.float32)
-        rows = _grouped(x, seqs if by_sequence else pairs, c)
-        out.index_copy_(0, pairs, _ungrouped(rows_bmm(rows, tiles, op), c, h, g))
+    for spans, pairs, seqs, c in groups:
+        rows = _grouped(x, seqs if by_sequence else pairs, c).unflatten(0, (-1, h))
+        res = torch.empty(*rows.shape[:3], cache.shape[-1])
+        for which, blocks in spans:
+            tiles = cache[blocks].flatten(0, 1).to(torch.float32)
+            res[which] = rows_bmm(rows[which].flatten(0, 1), tiles, op).unflatten(0, (-1, h))
+        out.index_copy_(0, pairs, _ungrouped(res.flatten(0, 1), c, h, g))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -373,12 +402,21 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, splits: int,
                  size: int, scale: float) -> torch.Tensor:
-    """q_rows [B, R, D] float32, q_pos [B, R]; tiles(s) -> (k_t [B, D, S], v [B, S, D])."""
+    """q_rows [B, R, D] float32, q_pos [B, R] (ascending along R); tiles(s) -> (k_t [B, D, S],
+    v [B, S, D]). Split j is computed only for the rows that see it, a suffix of the rows; the
+    others skip it, as a decode query skips the splits past it."""
     blocks = [tuple(t.to(torch.float32) for t in tiles(s)) for s in range(splits)]
-    scores = torch.stack([rows_bmm(q_rows, k_t, "attention q.k") for k_t, _ in blocks], dim=2)
-    p, l = _probs(scores * scale, q_pos, size)
-    return _combine(lambda j: rows_bmm(p[:, :, j].contiguous(), blocks[j][1], "attention p.v"),
-                    _visible(q_pos, splits, size), l)
+    first = torch.searchsorted(q_pos[0], torch.arange(splits, device=q_pos.device) * size)
+    first = first.tolist()
+    scores = q_rows.new_full((*q_rows.shape[:2], splits, size), float("-inf"))
+    for j, (k_t, _) in enumerate(blocks):
+        scores[:, first[j]:, j] = rows_bmm(q_rows[:, first[j]:], k_t, "attention q.k") * scale
+    p, l = _probs(scores, q_pos, size)
+    acc = rows_bmm(p[:, :, 0].contiguous(), blocks[0][1], "attention p.v")
+    for j in range(1, splits):
+        acc[:, first[j]:] += rows_bmm(p[:, first[j]:, j].contiguous(), blocks[j][1],
+                                      "attention p.v")
+    return acc / l.unsqueeze(-1)
 
 
 def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
