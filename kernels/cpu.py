@@ -14,6 +14,7 @@ never on how many rows came with it or where the row sat. How:
   paths agree; `silu` is rebuilt from `exp` because torch's own does not.
 """
 
+import threading
 import weakref
 from functools import partial
 from itertools import accumulate
@@ -348,13 +349,49 @@ def _per_block(x: torch.Tensor, cache: torch.Tensor, groups, out: torch.Tensor, 
     """out[pair] = x[pair] @ cache[block] for every group, out [P, H, g, Y]; x [P, H, g, X],
     or [sequences, H, g, X] (by_sequence: the pair's query is its sequence's)."""
     _, h, g, _ = x.shape
+    plan = bmm_plan(x.shape[-1], cache.shape[-1], op)
     for spans, pairs, seqs, c in groups:
-        rows = _grouped(x, seqs if by_sequence else pairs, c).unflatten(0, (-1, h))
+        rows = _grouped(x, seqs if by_sequence else pairs, c)
+        chunks = plan.chunks(c * g) if plan.blas else []
+        if len(chunks) == 1:  # one tile: pad once, then one BLAS call per span
+            rows = F.pad(rows, (0, 0, 0, chunks[0][2] - c * g))
+        rows = rows.unflatten(0, (-1, h))
         res = torch.empty(*rows.shape[:3], cache.shape[-1])
+        per_call = max(1, invariance.MAX_BATCH // h)  # blocks per call
         for which, blocks in spans:
-            tiles = cache[blocks].flatten(0, 1).to(torch.float32)
-            res[which] = rows_bmm(rows[which].flatten(0, 1), tiles, op).unflatten(0, (-1, h))
-        out.index_copy_(0, pairs, _ungrouped(res.flatten(0, 1), c, h, g))
+            part = rows[which]
+            for lo in range(0, part.shape[0], per_call):
+                a = part[lo:lo + per_call].flatten(0, 1)
+                b = _float_tiles(cache, _shifted(blocks, lo, per_call))
+                y = blas_bmm(a, b) if len(chunks) == 1 else rows_bmm(a, b, op)
+                res[_shifted(which, lo, per_call)] = y.unflatten(0, (-1, h))
+        out.index_copy_(0, pairs, _ungrouped(res[:, :, :c * g].flatten(0, 1), c, h, g))
+
+
+_scratch = threading.local()
+
+
+def _float_tiles(cache: torch.Tensor, blocks) -> torch.Tensor:
+    """cache[blocks] (a slice or an index tensor) as float32 [n * H, X, Y]: a view of a float32
+    cache's consecutive blocks, else a copy into a buffer this thread reuses (a fresh buffer
+    costs page faults: several times the copy)."""
+    if isinstance(blocks, slice) and cache.dtype == torch.float32:
+        return cache[blocks].flatten(0, 1)
+    picked = cache[blocks]
+    size = picked.numel()
+    buf = getattr(_scratch, "tiles", None)
+    if buf is None or buf.numel() < size:
+        buf = _scratch.tiles = torch.empty(size, dtype=torch.float32, device=cache.device)
+    out = buf[:size].view(picked.shape)
+    out.copy_(picked)
+    return out.flatten(0, 1)
+
+
+def _shifted(which, lo: int, n: int):
+    """Entries [lo, lo + n) of `which` (a slice or an index tensor)."""
+    if isinstance(which, slice):
+        return slice(which.start + lo, min(which.start + lo + n, which.stop))
+    return which[lo:lo + n]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,4 +1,5 @@
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -24,9 +25,14 @@ def inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, as transformers computes it, without building
+    rotate_half(x): its first half is -x2, and a + (-x2 * s) is exactly a - x2 * s."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 class RotaryEmbedding(nn.Module):
@@ -39,9 +45,17 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self._last = (lambda: None, None, None)  # (weakref to positions, cos, sin)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, H, D], k [T, kv_heads, D]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+        cos, sin = self._tables(positions)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] at `positions`, looked up once per forward (every layer passes
+        the same tensor)."""
+        if self._last[0]() is not positions:
+            self._last = (weakref.ref(positions), self.cos[positions].unsqueeze(1),
+                          self.sin[positions].unsqueeze(1))
+        return self._last[1], self._last[2]
