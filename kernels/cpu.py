@@ -14,7 +14,6 @@ never on how many rows came with it or where the row sat. How:
   paths agree; `silu` is rebuilt from `exp` because torch's own does not.
 """
 
-import threading
 import weakref
 from functools import partial
 from itertools import accumulate
@@ -273,10 +272,10 @@ _last_plan: list = [(lambda: None, None)]  # [(weakref to the block tables, thei
 def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: int,
                  heads: int) -> list:
     """Chunks of sequences (lo, hi, splits, groups) whose scores fit ATTENTION_ELEMENTS; in
-    each, groups (spans of its U blocks, pairs [U * c], their sequences [U * c], c) of the
-    (sequence, split) pairs that read each block, c per block, pair = local sequence * splits +
-    split: a block shared by c sequences (a GRPO group's prompt) is read once for all of them.
-    Made once per step: every layer has the same block tables."""
+    each, groups (blocks [U], pairs [U * c], their sequences [U * c], c) of the (sequence,
+    split) pairs that read each block, c per block, pair = local sequence * splits + split: a
+    block shared by c sequences (a GRPO group's prompt) is read once for all of them. Made once
+    per step: every layer has the same block tables."""
     ref, plan = _last_plan[0]
     if ref() is block_tables:
         return plan
@@ -293,15 +292,15 @@ def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: i
         for i in range(lo, hi):
             for s in range(-(-lens[i] // size)):
                 readers.setdefault((tables[i][s], s), []).append((i - lo) * splits + s)
-        by_count: dict[int, list[tuple[int, list[int]]]] = {}
+        by_count: dict[int, tuple[list[int], list[int]]] = {}
         for (block, _), pairs in readers.items():
-            by_count.setdefault(len(pairs), []).append((block, pairs))
-        groups = []
-        for c, entries in sorted(by_count.items()):
-            entries.sort()
-            pairs = torch.tensor([p for _, ps in entries for p in ps], device=block_tables.device)
-            groups.append((_spans([b for b, _ in entries], block_tables.device), pairs,
-                           pairs // splits, c))
+            blocks, rows = by_count.setdefault(len(pairs), ([], []))
+            blocks.append(block)
+            rows.extend(pairs)
+        device = block_tables.device
+        groups = [(torch.tensor(b, device=device), pairs, pairs // splits, c)
+                  for c, (b, r) in sorted(by_count.items())
+                  for pairs in [torch.tensor(r, device=device)]]
         plan.append((lo, hi, splits, groups))
         lo = hi
     _last_plan[0] = (weakref.ref(block_tables), plan)
@@ -312,7 +311,7 @@ def _grouped(x: torch.Tensor, rows: torch.Tensor, c: int) -> torch.Tensor:
     """Rows that share a block, stacked: [P, H, g, X] -> [U * H, c * g, X]."""
     u = rows.numel() // c
     _, h, g, last = x.shape
-    out = x[rows].reshape(u, c, h, g, last).transpose(1, 2)
+    out = x.index_select(0, rows).reshape(u, c, h, g, last).transpose(1, 2)
     return out.reshape(u * h, c * g, last)
 
 
@@ -322,76 +321,15 @@ def _ungrouped(y: torch.Tensor, c: int, h: int, g: int) -> torch.Tensor:
     return y.reshape(u, h, c, g, y.shape[-1]).transpose(1, 2).reshape(u * c, h, g, y.shape[-1])
 
 
-MIN_RUN = 2  # consecutive cache blocks read in place; shorter runs are gathered together
-
-
-def _spans(blocks: list[int], device) -> list[tuple]:
-    """(which of the U blocks, which cache blocks) for the U blocks (ascending ids): each run
-    of at least MIN_RUN consecutive ids as two slices (read in place, no copy), the rest as two
-    index tensors (gathered in one copy)."""
-    spans, rest, lo = [], [], 0
-    for i in range(1, len(blocks) + 1):
-        if i < len(blocks) and blocks[i] == blocks[i - 1] + 1:
-            continue
-        if i - lo >= MIN_RUN:
-            spans.append((slice(lo, i), slice(blocks[lo], blocks[i - 1] + 1)))
-        else:
-            rest.extend(range(lo, i))
-        lo = i
-    if rest:
-        spans.append((torch.tensor(rest, device=device),
-                      torch.tensor([blocks[i] for i in rest], device=device)))
-    return spans
-
-
 def _per_block(x: torch.Tensor, cache: torch.Tensor, groups, out: torch.Tensor, op: str,
                by_sequence: bool = False) -> None:
     """out[pair] = x[pair] @ cache[block] for every group, out [P, H, g, Y]; x [P, H, g, X],
     or [sequences, H, g, X] (by_sequence: the pair's query is its sequence's)."""
     _, h, g, _ = x.shape
-    plan = bmm_plan(x.shape[-1], cache.shape[-1], op)
-    for spans, pairs, seqs, c in groups:
+    for blocks, pairs, seqs, c in groups:
+        tiles = cache.index_select(0, blocks).reshape(-1, *cache.shape[2:]).to(torch.float32)
         rows = _grouped(x, seqs if by_sequence else pairs, c)
-        chunks = plan.chunks(c * g) if plan.blas else []
-        if len(chunks) == 1:  # one tile: pad once, then one BLAS call per span
-            rows = F.pad(rows, (0, 0, 0, chunks[0][2] - c * g))
-        rows = rows.unflatten(0, (-1, h))
-        res = torch.empty(*rows.shape[:3], cache.shape[-1])
-        per_call = max(1, invariance.MAX_BATCH // h)  # blocks per call
-        for which, blocks in spans:
-            part = rows[which]
-            for lo in range(0, part.shape[0], per_call):
-                a = part[lo:lo + per_call].flatten(0, 1)
-                b = _float_tiles(cache, _shifted(blocks, lo, per_call))
-                y = blas_bmm(a, b) if len(chunks) == 1 else rows_bmm(a, b, op)
-                res[_shifted(which, lo, per_call)] = y.unflatten(0, (-1, h))
-        out.index_copy_(0, pairs, _ungrouped(res[:, :, :c * g].flatten(0, 1), c, h, g))
-
-
-_scratch = threading.local()
-
-
-def _float_tiles(cache: torch.Tensor, blocks) -> torch.Tensor:
-    """cache[blocks] (a slice or an index tensor) as float32 [n * H, X, Y]: a view of a float32
-    cache's consecutive blocks, else a copy into a buffer this thread reuses (a fresh buffer
-    costs page faults: several times the copy)."""
-    if isinstance(blocks, slice) and cache.dtype == torch.float32:
-        return cache[blocks].flatten(0, 1)
-    picked = cache[blocks]
-    size = picked.numel()
-    buf = getattr(_scratch, "tiles", None)
-    if buf is None or buf.numel() < size:
-        buf = _scratch.tiles = torch.empty(size, dtype=torch.float32, device=cache.device)
-    out = buf[:size].view(picked.shape)
-    out.copy_(picked)
-    return out.flatten(0, 1)
-
-
-def _shifted(which, lo: int, n: int):
-    """Entries [lo, lo + n) of `which` (a slice or an index tensor)."""
-    if isinstance(which, slice):
-        return slice(which.start + lo, min(which.start + lo + n, which.stop))
-    return which[lo:lo + n]
+        out.index_copy_(0, pairs, _ungrouped(rows_bmm(rows, tiles, op), c, h, g))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
