@@ -111,11 +111,11 @@ class BenchOptions:
     progress: bool = True
     vllm_python: str | None = None  # an interpreter with vllm installed; None: this one
     repeat: int = 1  # engine runs per mode (alternating); each mode reports its fastest
+    emit: Callable[[str], None] = _print
 
     def __post_init__(self):
         if self.repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {self.repeat}")
-    emit: Callable[[str], None] = _print
 
 
 @dataclass

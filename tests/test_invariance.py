@@ -36,8 +36,8 @@ def fresh_plans():
 
 
 def test_every_row_of_a_proven_tile_has_the_bits_it_has_alone(fresh_plans):
-    """Literal check of the chosen class on the backend's real BLAS call: every position of every tile, against
-    the same row alone in an otherwise zero tile of the smallest size."""
+    """Literal check of the chosen class on the backend's real BLAS call: every position of
+    every tile, against the same row alone in an otherwise zero tile of the smallest size."""
     gen = torch.Generator().manual_seed(5)
     for k, n in ((80, 240), (384, 1), (96, 176)):
         w_t = torch.randn(n, k, generator=gen).t()
