@@ -117,38 +117,46 @@ def bench_weight_sync(model: str | None, workload: Workload, options: BenchOptio
 
 def bench_memory(model: str | None, workload: Workload, options: BenchOptions,
                  **engine_kwargs) -> SuiteResult:
-    """Release and resume times, with the process's resident memory read from the OS, next to
-    a plain copy of the weight bytes measured in the same run."""
-    from rollout.memory import resident_bytes
+    """Release and resume times, with the memory in use read from the OS (the process's resident
+    set on the CPU, the driver's used bytes on CUDA), next to a plain copy of the weight bytes on
+    the same device, measured in the same run."""
+    from rollout.memory import bytes_in_use
     engine_kwargs.setdefault("kv_cache_memory", 1 << 30)
     engine = Engine(model, **engine_kwargs)
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
-    stats = engine.memory_stats()
-    src = torch.ones(stats["weights"] // 4)
+    stats, device = engine.memory_stats(), engine.runner.device
+    column = "RSS after (MB)" if device.type == "cpu" else "GPU used after (MB)"
+    width = len(column) + 2
+    src = torch.ones(stats["weights"] // 4, device=device)
     dst = torch.zeros_like(src)
     start = time.perf_counter()
     dst.copy_(src)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     copy_s = time.perf_counter() - start
     del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     lines = [f"memory: weights {stats['weights'] / 1e6:.0f} MB, KV cache "
-             f"{stats['kv_cache'] / 1e6:.0f} MB ({engine.runner.device})",
+             f"{stats['kv_cache'] / 1e6:.0f} MB ({device})",
              f"  plain copy of the weight bytes (baseline): {copy_s:.3f} s",
-             f"  {'step':<46}{'seconds':>9}{'RSS after (MB)':>16}"]
+             f"  {'step':<46}{'seconds':>9}{column:>{width}}"]
     steps = [("release both, weights='backup'", lambda: engine.release_memory()),
              ("resume both (weights restored)", lambda: engine.resume_memory()),
              ("release both, weights='discard'", lambda: engine.release_memory(weights="discard")),
              ("resume weights only (empty, awaiting update)",
               lambda: engine.resume_memory(["weights"])),
              ("resume kv_cache", lambda: engine.resume_memory(["kv_cache"]))]
-    lines.append(f"  {'(start)':<46}{'':>9}{resident_bytes() / 1e6:>16.0f}")
+    in_use = bytes_in_use(device)
+    lines.append(f"  {'(start)':<46}{'':>9}{in_use / 1e6:>{width}.0f}")
     data = {"weight_bytes": stats["weights"], "kv_cache_bytes": stats["kv_cache"],
-            "copy_s": copy_s, "rss_start": resident_bytes(), "steps": {}}
+            "copy_s": copy_s, "device": str(device), "in_use_start": in_use, "steps": {}}
     for label, action in steps:
         start = time.perf_counter()
         action()
-        seconds, rss = time.perf_counter() - start, resident_bytes()
-        lines.append(f"  {label:<46}{seconds:>9.3f}{rss / 1e6:>16.0f}")
-        data["steps"][label] = {"seconds": seconds, "rss_after": rss}
+        seconds, in_use = time.perf_counter() - start, bytes_in_use(device)
+        lines.append(f"  {label:<46}{seconds:>9.3f}{in_use / 1e6:>{width}.0f}")
+        data["steps"][label] = {"seconds": seconds, "in_use_after": in_use}
     engine.shutdown()
     return SuiteResult(lines, data)
 

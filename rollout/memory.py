@@ -32,6 +32,16 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def bytes_in_use(device: torch.device | str) -> int:
+    """Memory in use where the engine keeps its tensors: this process's resident set for the CPU,
+    the GPU's used memory as its driver reports it for CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total - free
+    return resident_bytes()
+
+
 class Arena(ABC):
     """A flat device buffer that views are carved from. `bind(buffer)` is called with each new
     buffer so its owner re-points its tensors (the same Python objects) into it."""

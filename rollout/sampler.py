@@ -44,6 +44,17 @@ class SampleSpec:
     top_logprobs: int = 0
 
 
+def divide_by_temperature(logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+    """Row i of float32 `logits` divided by temperatures[i] (0, greedy, counts as 1), with the
+    bits a trainer's `logits / temperature` (a Python float) gets on this device: the CPU divides,
+    CUDA multiplies by the float32 reciprocal of a scalar divisor (PyTorch's div kernel does)."""
+    temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32)
+    if logits.is_cuda:
+        inverse = (torch.ones_like(temps) / temps).to(logits.device)  # as 1.0f / t on the GPU
+        return logits * inverse.unsqueeze(1)
+    return logits / temps.unsqueeze(1)
+
+
 class Sampler:
     def __init__(self, softmax_parts):
         self.softmax_parts = softmax_parts
@@ -53,9 +64,8 @@ class Sampler:
             return {}
         device = logits.device
         rows = torch.tensor([s.row for s in specs], device=device)
-        temps = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in specs],
-                             device=device, dtype=torch.float32)
-        scaled = logits.index_select(0, rows).to(torch.float32) / temps.unsqueeze(1)
+        scaled = divide_by_temperature(logits.index_select(0, rows).to(torch.float32),
+                                       [s.temperature for s in specs])
         z, e, total = self.softmax_parts(scaled)
         log_total = torch.log(total)
         tokens = torch.empty(len(specs), dtype=torch.long, device=device)
@@ -91,8 +101,8 @@ class Sampler:
 
     def score(self, logits: torch.Tensor, targets: list[int], temperature: float) -> list[float]:
         """log_softmax(logits / temperature)[target] per row, the same bits sampling reports."""
-        t = temperature if temperature > 0 else 1.0
-        z, _, total = self.softmax_parts(logits.to(torch.float32) / t)
+        scaled = divide_by_temperature(logits.to(torch.float32), [temperature] * len(targets))
+        z, _, total = self.softmax_parts(scaled)
         index = torch.tensor(targets, device=logits.device).unsqueeze(1)
         return (z.gather(1, index).squeeze(1) - torch.log(total)).tolist()
 

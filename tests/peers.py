@@ -29,9 +29,9 @@ def trained(path: str, seed: int):
 
 def zmq_sender(address: str, mode: str, path: str, seed: int, bucket_bytes: int,
                version: int | None = None, die_after_buckets: int | None = None,
-               share: bool = False) -> None:
+               share: bool = False, device: str = "cpu") -> None:
     from weight_sync import ZmqWeightSender
-    model = trained(path, seed)
+    model = trained(path, seed).to(device)
     sender = ZmqWeightSender(address, mode=mode, bucket_bytes=bucket_bytes)
     named = dict(model.named_parameters())
     if share:

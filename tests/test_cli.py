@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from rollout.bench_workload import Workload
+from tests.test_invariance import FORWARD_OPS
 
 
 def run_cli(*args, env=None):
@@ -44,7 +47,8 @@ def test_generate_reports_bad_input_without_a_traceback(qwen3_path):
 def test_doctor_prints_what_runs_and_whether_invariance_is_guaranteed(qwen3_path):
     done = run_cli("doctor", "--model", str(qwen3_path))
     assert done.returncode == 0, done.stderr
-    for op in ("linear", "row_sum", "attention q.k", "attention p.v"):
+    ops = FORWARD_OPS["cuda" if torch.cuda.is_available() else "cpu"]  # the default device
+    for op in ops:
         assert f"\n{op} " in done.stdout
     assert "batch invariance: GUARANTEED on this machine" in done.stdout
     fast = run_cli("doctor", "--model", str(qwen3_path), "--fast")

@@ -92,7 +92,8 @@ def test_a_failed_proof_falls_back_to_our_own_order_and_stays_bitwise(
     monkeypatch.setattr(cpu, "blas_mm", reversed_on_odd_rows(torch.mm))
     monkeypatch.setattr(cpu, "blas_bmm", reversed_on_odd_rows(torch.bmm))
     monkeypatch.setattr(invariance, "TILE_CANDIDATES", (4, 8, 16))
-    engine = Engine(str(qwen3_path), block_size=kernels.DEFAULT_SPLIT_SIZE, num_kv_blocks=64)
+    engine = Engine(str(qwen3_path), device="cpu", block_size=kernels.DEFAULT_SPLIT_SIZE,
+                    num_kv_blocks=64)
     report = engine.determinism_report()
     blas_ops = [v for v in report.verdicts if v.op in ("linear", "row_sum") or "." in v.op]
     assert blas_ops and all(v.method.startswith("owned reduction order") for v in blas_ops)
@@ -122,10 +123,15 @@ def test_a_failed_proof_falls_back_to_our_own_order_and_stays_bitwise(
     assert trainer.numpy().tobytes() == logprob_bytes
 
 
-def test_the_report_names_every_op_the_forward_runs(qwen3_path):
-    report = Engine(str(qwen3_path), num_kv_blocks=16).determinism_report()
-    ops = {v.op for v in report.verdicts}
-    assert {"linear", "row_sum", "attention q.k", "attention p.v"} <= ops
+FORWARD_OPS = {"cpu": {"linear", "row_sum", "attention q.k", "attention p.v"},
+               "cuda": {"linear", "row_sum", "attention"}}  # Triton: one attention kernel
+
+
+@pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
+def test_the_report_names_every_op_the_forward_runs(qwen3_path, device):
+    report = Engine(str(qwen3_path), device=device, num_kv_blocks=16).determinism_report()
+    assert FORWARD_OPS[device] <= {v.op for v in report.verdicts}
     assert report.guaranteed
-    fast = Engine(str(qwen3_path), num_kv_blocks=16, deterministic=False).determinism_report()
+    fast = Engine(str(qwen3_path), device=device, num_kv_blocks=16,
+                  deterministic=False).determinism_report()
     assert not fast.guaranteed and "NOT GUARANTEED (deterministic=False)" in fast.format()

@@ -1,5 +1,6 @@
 """A trainer running the Hugging Face model under `kernels.batch_invariant_mode()` computes
-bitwise the log-probs the rollout returned: sampler-trainer KL is exactly 0."""
+bitwise the log-probs the rollout returned: sampler-trainer KL is exactly 0. The trainer runs on
+the engine's device (CUDA when present: the Triton kernels on both sides)."""
 
 import pytest
 import torch
@@ -34,19 +35,21 @@ def test_trainer_logprobs_equal_rollout_bitwise(checkpoints, name, temperature):
                            use_tqdm=False)
     ids, mask = right_padded([p + o.outputs[0].token_ids for p, o in zip(prompts, outs)])
 
+    device = engine.config.device
     model = getattr(transformers, CHECKPOINTS[name][0]).from_pretrained(
-        path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION)
+        path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION).to(device)
     model.train()
     with kernels.batch_invariant_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         logprobs = torch.log_softmax(logits / temperature, dim=-1)
         diffs, picked = [], []
         for i, (prompt, out) in enumerate(zip(prompts, outs)):
-            response = torch.tensor(out.outputs[0].token_ids)
+            response = torch.tensor(out.outputs[0].token_ids, device=device)
             rows = logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(response)]
             trainer = rows.gather(1, response.unsqueeze(1)).squeeze(1)
             picked.append(trainer)
-            diffs.append((trainer.detach() - torch.tensor(out.outputs[0].logprobs)).abs().max())
+            diffs.append((trainer.detach().cpu() - torch.tensor(out.outputs[0].logprobs))
+                         .abs().max())
         loss = -torch.cat(picked).mean()
         loss.backward()
     assert max(diffs).item() == 0.0

@@ -122,6 +122,60 @@ def test_zmq_update_from_a_trainer_process(engine, qwen3_path, mode, share):
     assert_matches(model, PROMPTS, generated(engine))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU")
+def test_zmq_update_from_a_gpu_trainer_by_cuda_ipc_handles(engine, qwen3_path):
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0")
+    result = finish(peer("zmq_sender", address=address, mode="handle", path=str(qwen3_path),
+                         seed=9, bucket_bytes=1 << 16, version=9, device="cuda"))
+    assert result["version"] == engine.weight_version == 9
+    model = trained(qwen3_path, 9)
+    assert engine.weights_checksum() == weight_sync.checksum(model.named_parameters())
+    assert_matches(model, PROMPTS, generated(engine))
+
+
+class RunsCode:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_cuda_ipc_handle_that_would_run_code_is_refused(engine, qwen3_path, tmp_path):
+    import pickle
+
+    import msgpack
+    import zmq
+    before = engine.weights_checksum()
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0")
+    named = list(trained(qwen3_path, 1).named_parameters())
+    metas = [weight_sync.TensorMeta.of(n, t) for n, t in named]
+    marker = tmp_path / "ran"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+
+    def request(header: dict) -> dict:
+        sock.send_multipart([b"", msgpack.packb(header)])
+        assert sock.poll(30_000)
+        return msgpack.unpackb(sock.recv_multipart()[1])
+
+    try:
+        manifest = [m.to_wire() for m in metas]
+        assert request({"op": "begin", "version": 5, "manifest": manifest})["ok"]
+        reply = request({"op": "bucket", "tensors": [metas[0].to_wire()],
+                         "nbytes": metas[0].nbytes,
+                         "cuda_ipc": pickle.dumps((RunsCode(f"touch {marker}"), ()))})
+    finally:
+        sock.close()
+    assert not reply["ok"] and "refused posix.system" in reply["error"], reply
+    assert not marker.exists()
+    assert engine.weights_checksum() == before and engine.weight_version == 0
+    assert engine.generate([[1, 2]], GREEDY, use_tqdm=False)[0].outputs[0].weight_version == 0
+
+
 def test_gloo_group_one_trainer_two_engines(qwen3_path):
     model = trained(qwen3_path, 5)
     named = list(model.named_parameters())

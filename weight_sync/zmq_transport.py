@@ -18,7 +18,9 @@ from typing import Protocol
 import msgpack
 import torch
 import zmq
+from torch.multiprocessing import reductions
 
+from weight_sync import safe_pickle
 from weight_sync.buckets import (DEFAULT_BUCKET_BYTES, TensorMeta, bucket_size, pack,
                                  plan_buckets, unpack)
 
@@ -293,7 +295,10 @@ class ZmqWeightReceiver:
                 warnings.simplefilter("ignore")
                 return torch.frombuffer(shm.buf, dtype=torch.uint8, count=header["nbytes"])
         if "cuda_ipc" in header:
-            rebuild, args = pickle.loads(header["cuda_ipc"])
+            rebuild, args = safe_pickle.loads(header["cuda_ipc"])
+            if rebuild is not reductions.rebuild_cuda_tensor:
+                raise ValueError(f"a cuda_ipc handle must rebuild with rebuild_cuda_tensor, "
+                                 f"got {getattr(rebuild, '__name__', rebuild)!r}")
             return rebuild(*args)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # read-only frame: we only read it

@@ -2,21 +2,20 @@
 
 SGLang's payload is base64 of a `multiprocessing.reduction.ForkingPickler` dump whose tensors
 cross by handle (CUDA IPC on GPU, torch's `file_system` sharing strategy on the CPU), described
-by SGLang's `FlattenedTensorMetadata`. Unpickling calls whatever the pickle names, so this
-unpickler resolves only torch's tensor and storage rebuild functions, torch dtypes, `torch.Size`
-and SGLang's metadata class (mapped by name to our dataclass); any other name is refused before
-anything runs.
+by SGLang's `FlattenedTensorMetadata`. Unpickling calls whatever the pickle names, so it goes
+through `weight_sync.safe_pickle`, which resolves only torch's tensor and storage rebuild
+functions, torch dtypes, `torch.Size` and here SGLang's metadata class (mapped by name to our
+dataclass); any other name is refused before anything runs.
 """
 
 import base64
 import binascii
-import io
 import math
-import pickle
 from dataclasses import dataclass
 
 import torch
-from torch.multiprocessing import reductions
+
+from weight_sync import safe_pickle
 
 LOAD_FORMATS = ("flattened_bucket", None)
 SGLANG_METADATA = ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata")
@@ -38,36 +37,14 @@ class FlattenedTensorMetadata:
     numel: int
 
 
-_R = "torch.multiprocessing.reductions"
-_ALLOWED = {
-    (_R, "rebuild_tensor"): reductions.rebuild_tensor,
-    (_R, "rebuild_cuda_tensor"): reductions.rebuild_cuda_tensor,
-    (_R, "rebuild_typed_storage"): reductions.rebuild_typed_storage,
-    (_R, "rebuild_storage_filename"): reductions.rebuild_storage_filename,
-    (_R, "rebuild_storage_empty"): reductions.rebuild_storage_empty,
-    ("torch", "Tensor"): torch.Tensor,
-    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-    ("torch", "Size"): torch.Size,
-    ("torch", "UntypedStorage"): torch.UntypedStorage,
-    ("torch.storage", "UntypedStorage"): torch.UntypedStorage,
-    SGLANG_METADATA: FlattenedTensorMetadata,
-    **{("torch", name): value for name, value in vars(torch).items()
-       if isinstance(value, torch.dtype)},
-}
-
-
-class _TensorUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        found = _ALLOWED.get((module, name))
-        if found is not None:
-            return found
+def _load(raw: bytes):
+    try:
+        return safe_pickle.loads(raw, {SGLANG_METADATA: FlattenedTensorMetadata})
+    except safe_pickle.RefusedName as e:
         hint = ("; the trainer must call torch.multiprocessing.set_sharing_strategy('file_system')"
-                if name == "rebuild_storage_fd" else "")
-        raise PayloadError(f"refused {module}.{name}: a payload may only name torch's tensor "
-                           f"rebuild functions, dtypes and FlattenedTensorMetadata{hint}")
-
-    def persistent_load(self, pid):
-        raise PayloadError("refused a persistent id: payloads are plain ForkingPickler dumps")
+                if e.name == "rebuild_storage_fd" else "")
+        raise PayloadError(f"refused {e.module}.{e.name}: a payload may only name torch's tensor "
+                           f"rebuild functions, dtypes and FlattenedTensorMetadata{hint}") from None
 
 
 def decode(serialized: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
@@ -78,7 +55,7 @@ def decode(serialized: str, load_format: str | None) -> list[tuple[str, torch.Te
     except binascii.Error as e:
         raise PayloadError(f"not valid base64 ({e})") from None
     try:
-        obj = _TensorUnpickler(io.BytesIO(raw)).load()
+        obj = _load(raw)
     except PayloadError:
         raise
     except Exception as e:  # a truncated pickle, a handle to memory that is gone, ...
