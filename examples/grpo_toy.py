@@ -86,7 +86,7 @@ def sample(engine: Engine, prompts: list[str], cfg: Config, step: int,
         for g, c in enumerate(out.outputs):
             rollout.rows.append(out.prompt_token_ids + c.token_ids)
             rollout.starts.append(len(out.prompt_token_ids))
-            rollout.logprobs.append(torch.tensor(c.logprobs))
+            rollout.logprobs.append(torch.tensor(c.logprobs, device=engine.config.device))
             rollout.rewards[p, g] = sum(t in rewarded for t in c.token_ids) / len(c.token_ids)
     return rollout
 
@@ -110,10 +110,12 @@ def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 def trainer_logprobs(policy, rows: list[list[int]], starts: list[int],
                      temperature: float) -> list[torch.Tensor]:
     """log_softmax(logits / T) of each response token, exactly as the engine defines it."""
-    ids, mask = right_padded(rows)
+    device = policy.device
+    ids, mask = (t.to(device) for t in right_padded(rows))
     logits = policy(input_ids=ids, attention_mask=mask).logits
     logprobs = torch.log_softmax(logits.float() / temperature, -1)
-    return [logprobs[i, s - 1:len(r) - 1].gather(1, torch.tensor(r[s:]).unsqueeze(1)).squeeze(1)
+    return [logprobs[i, s - 1:len(r) - 1].gather(1, torch.tensor(r[s:], device=device)
+                                                  .unsqueeze(1)).squeeze(1)
             for i, (r, s) in enumerate(zip(rows, starts))]
 
 
@@ -179,6 +181,7 @@ def train(model: str, cfg: Config, plot_path: str) -> list[StepLog]:
     engine = Engine(model, block_size=kernels.DEFAULT_SPLIT_SIZE, num_kv_blocks=512)
     policy = transformers.AutoModelForCausalLM.from_pretrained(
         model, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION)
+    policy.to(engine.config.device)  # the trainer runs where the engine does: the same kernels
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     rewarded = capitalized_tokens(engine)
     sender = weight_sync.ZmqWeightSender(engine.start_weight_receiver())

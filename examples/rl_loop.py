@@ -3,7 +3,8 @@
 Each step: the engine samples a GRPO group per prompt (with log-probs); the trainer recomputes
 those log-probs under `kernels.batch_invariant_mode()` (the sampler-trainer KL is exactly 0),
 takes a policy-gradient step with a toy reward, and pushes the new weights into the engine in
-place. Runs on the CPU in seconds with the small built-in preset:
+place. The trainer runs on the engine's device. Runs on the CPU in seconds with the small
+built-in preset:
 
     python examples/rl_loop.py --steps 3
 """
@@ -38,8 +39,9 @@ def main() -> None:
     path = args.model or str(preset_path("qwen3-tiny-random"))
 
     engine = Engine(path, block_size=kernels.DEFAULT_SPLIT_SIZE)
+    device = engine.config.device  # the trainer runs where the engine does: the same kernels
     policy = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION)
+        path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION).to(device)
     optimizer = torch.optim.SGD(policy.parameters(), lr=1e-2)
     prompts = [[1, 2, 3, 4, 5, 6], [40, 41, 42], [7] * 12]
     params = SamplingParams(temperature=1.0, n=args.group, max_tokens=16, ignore_eos=True)
@@ -51,16 +53,17 @@ def main() -> None:
             for c in out.outputs:
                 rows.append(prompt + c.token_ids)
                 starts.append(len(prompt))
-                rollout_logprobs.append(torch.tensor(c.logprobs))
+                rollout_logprobs.append(torch.tensor(c.logprobs, device=device))
                 rewards.append(float(sum(t % 2 == 0 for t in c.token_ids)))  # toy reward
-        rewards = torch.tensor(rewards)
+        rewards = torch.tensor(rewards, device=device)
         advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
 
-        ids, mask = right_padded(rows)
+        ids, mask = (t.to(device) for t in right_padded(rows))
         with kernels.batch_invariant_mode():
             logprobs = torch.log_softmax(policy(input_ids=ids, attention_mask=mask).logits, -1)
-            picked = [logprobs[i, s - 1:len(r) - 1].gather(1, torch.tensor(r[s:]).unsqueeze(1))
-                      .squeeze(1) for i, (r, s) in enumerate(zip(rows, starts))]
+            picked = [logprobs[i, s - 1:len(r) - 1]
+                      .gather(1, torch.tensor(r[s:], device=device).unsqueeze(1)).squeeze(1)
+                      for i, (r, s) in enumerate(zip(rows, starts))]
             kl = max((p.detach() - q).abs().max().item() for p, q in zip(picked, rollout_logprobs))
             loss = -sum(a * p.sum() for a, p in zip(advantages, picked)) / len(picked)
             optimizer.zero_grad()
