@@ -143,16 +143,17 @@ def trainer_gap(path, arch, dtype) -> float:
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    device = engine.config.device  # the trainer runs where the engine does
     model = getattr(transformers, arch).from_pretrained(
-        path, dtype=getattr(torch, dtype), attn_implementation=kernels.HF_ATTENTION)
+        path, dtype=getattr(torch, dtype), attn_implementation=kernels.HF_ATTENTION).to(device)
     with kernels.batch_invariant_mode(), torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
     worst = 0.0
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
-        response = torch.tensor(out.outputs[0].token_ids)
+        response = torch.tensor(out.outputs[0].token_ids, device=device)
         picked = logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(response)]
-        picked = picked.gather(1, response.unsqueeze(1)).squeeze(1)
+        picked = picked.gather(1, response.unsqueeze(1)).squeeze(1).cpu()
         worst = max(worst, (picked - torch.tensor(out.outputs[0].logprobs)).abs().max().item())
     return worst
 
