@@ -9,6 +9,7 @@ the aten ops below, reproduces them bitwise.
 """
 
 from functools import partial
+from itertools import accumulate
 
 import torch
 import triton
@@ -64,13 +65,22 @@ def matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            splits: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
-    """A column's bits do not depend on the other columns here, so a fused weight runs as one
-    product; its parts (`splits`) come back as views."""
-    out = matmul(x.reshape(-1, x.shape[-1]), w.t())
-    if bias is not None:
-        out = out + bias
-    out = out.reshape(*x.shape[:-1], w.shape[0])
-    return out if splits is None else list(out.split(splits, dim=-1))
+    """F.linear, batch invariant. A fused weight's parts (`splits`: q/k/v, gate/up) run as
+    separate products, the very calls a trainer's separate projections make: on the H200 a
+    float32 trainer differed from the engine in the last bit (checkpoint with hidden size 210 and
+    MLP width 232) while the engine ran the fused weight as one product, whose column count
+    Triton specializes differently (divisible by 16 or not)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if splits is None:
+        return _biased(matmul(x2, w.t()), bias).reshape(*x.shape[:-1], w.shape[0])
+    bounds = [0, *accumulate(splits)]
+    parts = [(w[a:b], None if bias is None else bias[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [_biased(matmul(x2, part.t()), b).reshape(*x.shape[:-1], part.shape[0])
+            for part, b in parts]
+
+
+def _biased(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
 
 
 # ---------------------------------------------------------------- row reductions
@@ -184,8 +194,9 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
     invariance of these kernels is checked on a GPU (the interpreter computes tl.dot with
     numpy's BLAS, so it cannot show it)."""
     method = "Triton kernel, fixed tiles, owned order"
-    verdicts = [invariance.record("linear", f"K={w.shape[1]} N={w.shape[0]}", dtype, method,
-                                  True) for w, _ in linears]
+    widths = [(w.shape[1], n) for w, splits in linears for n in (splits or (w.shape[0],))]
+    verdicts = [invariance.record("linear", f"K={k} N={n}", dtype, method, True)
+                for k, n in widths]
     verdicts += [invariance.record("row_sum", f"n={n}", torch.float32, method, True)
                  for n in row_lengths]
     verdicts.append(invariance.record("attention", f"D={head_dim} S={split}", torch.float32,
