@@ -17,8 +17,11 @@ def tree_sum(x: torch.Tensor) -> torch.Tensor:
     if n == 1:
         return x[..., 0]
     half = 1 << (n - 1).bit_length() - 1
-    y = x[..., :half].clone()
-    y[..., :n - half] += x[..., half:]
+    if n == 2 * half:
+        y = x[..., :half] + x[..., half:]
+    else:
+        y = x[..., :half].clone()
+        y[..., :n - half] += x[..., half:]
     while half > 1:
         half //= 2
         y = y[..., :half] + y[..., half:]

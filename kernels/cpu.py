@@ -102,7 +102,7 @@ def _bmm_decided(k: int, n: int, op: str) -> tuple[Plan, invariance.Verdict]:
     def prove():
         like = torch.empty(invariance.MAX_BATCH, k, n)
         # attention's operands are narrow (a head by a split): 128-row tiles are plenty
-        tiles = tuple(t for t in invariance.TILE_CANDIDATES if t <= 128)
+        tiles = tuple(t for t in invariance.TILE_CANDIDATES if t <= 512)
         return invariance.prove_tiles(lambda a, b: blas_bmm(a.contiguous(), b), like, tiles)
 
     return _decided(("bmm", op, k, n, torch.get_num_threads()), prove, op,
@@ -222,6 +222,8 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
 # bits are the same in decode, prefill and scoring, whatever rows and splits share its calls.
 
 ATTENTION_ELEMENTS = 1 << 23  # scores held at once (per chunk of rows or sequences)
+PREFILL_CHUNK = 64  # query positions per chunk of a prefill (see _dense_rows_attend)
+REUSED_BLOCK_BYTES = 64 << 20  # float32 K/V blocks of a prefill kept for all its chunks
 SUBNORMAL_EXP = -87.0  # exp of less is below float32's smallest normal (2^-126 = e^-87.34)
 
 
@@ -367,29 +369,27 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_table [num_blocks] covers every key up to the last position. Returns [L, H, D]."""
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     num_splits = int(positions[-1].item()) // size + 1
-
-    def tiles(s):
-        blk = block_table[s]
-        return k_cache[blk], v_cache[blk]
-
-    return _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale)
+    table = block_table[:num_splits].tolist()  # ints: a block is a view of the cache, no copy
+    return _dense_rows_attend(q, positions, kv_heads, lambda s: (k_cache[table[s]],
+                                                                 v_cache[table[s]]),
+                              num_splits, size, scale)
 
 
-def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, tiles, splits: int,
+def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, blocks, splits: int,
                  size: int, scale: float) -> torch.Tensor:
-    """q_rows [B, R, D] float32, q_pos [B, R] (ascending along R); tiles(s) -> (k_t [B, D, S],
-    v [B, S, D]). Split j is computed only for the rows that see it, a suffix of the rows; the
-    others skip it, as a decode query skips the splits past it."""
-    blocks = [tuple(t.to(torch.float32) for t in tiles(s)) for s in range(splits)]
+    """q_rows [B, R, D] float32, q_pos [B, R] (ascending along R); blocks(s) -> float32
+    (k_t [B, D, S], v [B, S, D]). Split j is computed only for the rows that see it, a suffix
+    of the rows; the others skip it, as a decode query skips the splits past it."""
     first = torch.searchsorted(q_pos[0], torch.arange(splits, device=q_pos.device) * size)
     first = first.tolist()
     scores = q_rows.new_full((*q_rows.shape[:2], splits, size), float("-inf"))
-    for j, (k_t, _) in enumerate(blocks):
-        scores[:, first[j]:, j] = rows_bmm(q_rows[:, first[j]:], k_t, "attention q.k") * scale
+    for j in range(splits):
+        scores[:, first[j]:, j] = rows_bmm(q_rows[:, first[j]:], blocks(j)[0],
+                                           "attention q.k") * scale
     p, l = _probs(scores, q_pos, size)
-    acc = rows_bmm(p[:, :, 0].contiguous(), blocks[0][1], "attention p.v")
+    acc = rows_bmm(p[:, :, 0].contiguous(), blocks(0)[1], "attention p.v")
     for j in range(1, splits):
-        acc[:, first[j]:] += rows_bmm(p[:, first[j]:, j].contiguous(), blocks[j][1],
+        acc[:, first[j]:] += rows_bmm(p[:, first[j]:, j].contiguous(), blocks(j)[1],
                                       "attention p.v")
     return acc / l.unsqueeze(-1)
 
@@ -401,14 +401,31 @@ def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
     q_rows = (q.to(torch.float32).reshape(length, kv_heads, group, d)
               .permute(1, 0, 2, 3).reshape(kv_heads, rows, d))
     q_pos = positions.repeat_interleave(group).unsqueeze(0).expand(kv_heads, -1)
-    step = max(1, ATTENTION_ELEMENTS // (kv_heads * num_splits * size))
+    # rows in chunks of PREFILL_CHUNK positions: each chunk computes only the splits it sees,
+    # a staircase over the causal triangle instead of the whole square
+    step = max(1, min(ATTENTION_ELEMENTS // (kv_heads * num_splits * size),
+                      PREFILL_CHUNK * group))
+    blocks = _float_blocks(tiles, num_splits, reuse=num_splits * kv_heads * size * d * 8
+                           <= REUSED_BLOCK_BYTES)
     out = torch.empty(kv_heads, rows, d)
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         last = int(q_pos[0, hi - 1].item()) // size + 1  # later splits are masked for these rows
-        out[:, lo:hi] = _attend_rows(q_rows[:, lo:hi], q_pos[:, lo:hi], tiles, last, size, scale)
+        out[:, lo:hi] = _attend_rows(q_rows[:, lo:hi], q_pos[:, lo:hi], blocks, last, size,
+                                     scale)
     return (out.reshape(kv_heads, length, group, d).permute(1, 0, 2, 3)
             .reshape(length, h, d).to(q.dtype))
+
+
+def _float_blocks(tiles, num_splits: int, reuse: bool):
+    """blocks(s) -> tiles(s) in float32; converted once per split when `reuse` (they fit in
+    REUSED_BLOCK_BYTES), else on every call."""
+    def convert(s):
+        return tuple(t.to(torch.float32) for t in tiles(s))
+    if not reuse:
+        return convert
+    cache = {}
+    return lambda s: cache[s] if s in cache else cache.setdefault(s, convert(s))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

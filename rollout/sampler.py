@@ -49,6 +49,8 @@ def divide_by_temperature(logits: torch.Tensor, temperatures: list[float]) -> to
     bits a trainer's `logits / temperature` (a Python float) gets on this device: the CPU divides,
     CUDA multiplies by the float32 reciprocal of a scalar divisor (PyTorch's div kernel does)."""
     temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32)
+    if bool((temps == 1.0).all()):
+        return logits  # x / 1 and x * 1 are x
     if logits.is_cuda:
         inverse = (torch.ones_like(temps) / temps).to(logits.device)  # as 1.0f / t on the GPU
         return logits * inverse.unsqueeze(1)
@@ -63,9 +65,10 @@ class Sampler:
         if not specs:
             return {}
         device = logits.device
-        rows = torch.tensor([s.row for s in specs], device=device)
-        scaled = divide_by_temperature(logits.index_select(0, rows).to(torch.float32),
-                                       [s.temperature for s in specs])
+        rows = [s.row for s in specs]
+        if rows != list(range(logits.shape[0])):
+            logits = logits.index_select(0, torch.tensor(rows, device=device))
+        scaled = divide_by_temperature(logits.to(torch.float32), [s.temperature for s in specs])
         z, e, total = self.softmax_parts(scaled)
         log_total = torch.log(total)
         tokens = torch.empty(len(specs), dtype=torch.long, device=device)
@@ -78,7 +81,7 @@ class Sampler:
             tokens[greedy] = g.argmax(-1)
         rand = [i for i, s in enumerate(specs) if s.temperature > 0]
         if rand:
-            probs = e[rand]
+            probs = e if len(rand) == len(specs) else e[rand]  # e is not read after this
             for j, i in enumerate(rand):
                 if specs[i].suppress:
                     probs[j, list(specs[i].suppress)] = 0.0
@@ -114,10 +117,12 @@ def _draw(weights: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     """Inverse-CDF draw from unnormalized weights, one uniform per row: first find the block of
     `_CDF_BLOCK` tokens holding the target mass, then the token inside it."""
     rows, vocab = weights.shape
-    blocks = -(-vocab // _CDF_BLOCK)
-    padded = torch.nn.functional.pad(weights, (0, blocks * _CDF_BLOCK - vocab))
-    padded = padded.view(rows, blocks, _CDF_BLOCK)
-    block_mass = tree_sum(padded)
+    full = vocab // _CDF_BLOCK
+    block_mass = tree_sum(weights[:, :full * _CDF_BLOCK].view(rows, full, _CDF_BLOCK))
+    if vocab % _CDF_BLOCK:  # the last block, padded with zeros
+        last = torch.nn.functional.pad(weights[:, full * _CDF_BLOCK:],
+                                       (0, _CDF_BLOCK - vocab % _CDF_BLOCK))
+        block_mass = torch.cat([block_mass, tree_sum(last.unsqueeze(1))], dim=1)
     block_cdf = torch.cumsum(block_mass, dim=-1)
     u = torch.tensor([uniform(s.seed, s.position) for s in specs], device=weights.device,
                      dtype=torch.float32)
@@ -126,7 +131,8 @@ def _draw(weights: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     block = torch.minimum(block, _last_nonzero(block_mass))
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0).unsqueeze(1))
                          .squeeze(1), torch.zeros_like(target))
-    inside = padded[torch.arange(rows, device=weights.device), block]
+    columns = block.unsqueeze(1) * _CDF_BLOCK + torch.arange(_CDF_BLOCK, device=weights.device)
+    inside = weights.gather(1, columns.clamp(max=vocab - 1)).masked_fill_(columns >= vocab, 0.0)
     cdf = torch.cumsum(inside, dim=-1)
     idx = torch.searchsorted(cdf, (target - before).unsqueeze(1), right=True).squeeze(1)
     idx = torch.minimum(idx, _last_nonzero(inside))
