@@ -215,7 +215,7 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
 # block is one split). The cache stores K transposed per block ([blocks, kv_heads, head_dim, S])
 # and V as [blocks, kv_heads, S, head_dim], so both products are `rows_bmm` calls on contiguous
 # tiles. The softmax takes two passes over a row's splits, every step elementwise or exact:
-#   scores_j = (q . K_j) * scale, keys after the query masked to -inf
+#   scores_j = (q * scale) . K_j, keys after the query masked to -inf
 #   m = max over every split (exact), p_j = exp(scores_j - m)
 #   l = sum_j tree_sum(p_j) in split order;  acc = sum_j p_j @ V_j in split order
 # Splits past the row's last visible one add exactly 0 to l and are skipped for acc, so a query's
@@ -345,13 +345,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n, h, d = q.shape
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     g = h // kv_heads
-    q4 = q.to(torch.float32).reshape(n, kv_heads, g, d)
+    q4 = (q.to(torch.float32) * scale).reshape(n, kv_heads, g, d)
     out = torch.empty(n, kv_heads, g, d)
     for lo, hi, splits, groups in _decode_plan(block_tables, context_lens, size, h):
         m = hi - lo
         scores = torch.empty(m * splits, kv_heads, g, size)
         _per_block(q4[lo:hi], k_cache, groups, scores, "attention q.k", by_sequence=True)
-        scores = (scores * scale).view(m, splits, kv_heads, g, size).permute(0, 2, 3, 1, 4)
+        scores = scores.view(m, splits, kv_heads, g, size).permute(0, 2, 3, 1, 4)
         q_pos = (context_lens[lo:hi] - 1).view(m, 1, 1).expand(m, kv_heads, g)
         p, l = _probs(scores, q_pos, size)
         pv = torch.empty(m * splits, kv_heads, g, d)
@@ -376,16 +376,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, blocks, splits: int,
-                 size: int, scale: float) -> torch.Tensor:
-    """q_rows [B, R, D] float32, q_pos [B, R] (ascending along R); blocks(s) -> float32
+                 size: int) -> torch.Tensor:
+    """q_rows [B, R, D] float32 (scaled), q_pos [B, R] (ascending along R); blocks(s) -> float32
     (k_t [B, D, S], v [B, S, D]). Split j is computed only for the rows that see it, a suffix
     of the rows; the others skip it, as a decode query skips the splits past it."""
     first = torch.searchsorted(q_pos[0], torch.arange(splits, device=q_pos.device) * size)
     first = first.tolist()
     scores = q_rows.new_full((*q_rows.shape[:2], splits, size), float("-inf"))
     for j in range(splits):
-        scores[:, first[j]:, j] = rows_bmm(q_rows[:, first[j]:], blocks(j)[0],
-                                           "attention q.k") * scale
+        scores[:, first[j]:, j] = rows_bmm(q_rows[:, first[j]:], blocks(j)[0], "attention q.k")
     p, l = _probs(scores, q_pos, size)
     acc = rows_bmm(p[:, :, 0].contiguous(), blocks(0)[1], "attention p.v")
     for j in range(1, splits):
@@ -398,7 +397,7 @@ def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
     length, h, d = q.shape
     group = h // kv_heads
     rows = length * group
-    q_rows = (q.to(torch.float32).reshape(length, kv_heads, group, d)
+    q_rows = ((q.to(torch.float32) * scale).reshape(length, kv_heads, group, d)
               .permute(1, 0, 2, 3).reshape(kv_heads, rows, d))
     q_pos = positions.repeat_interleave(group).unsqueeze(0).expand(kv_heads, -1)
     # rows in chunks of PREFILL_CHUNK positions: each chunk computes only the splits it sees,
@@ -411,8 +410,7 @@ def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         last = int(q_pos[0, hi - 1].item()) // size + 1  # later splits are masked for these rows
-        out[:, lo:hi] = _attend_rows(q_rows[:, lo:hi], q_pos[:, lo:hi], blocks, last, size,
-                                     scale)
+        out[:, lo:hi] = _attend_rows(q_rows[:, lo:hi], q_pos[:, lo:hi], blocks, last, size)
     return (out.reshape(kv_heads, length, group, d).permute(1, 0, 2, 3)
             .reshape(length, h, d).to(q.dtype))
 
