@@ -43,11 +43,11 @@ def rms_norm(row_sum: RowSum, x: torch.Tensor, weight: torch.Tensor, eps: float)
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     """From exp, whose vectorized and scalar CPU paths agree (torch's silu kernel's do not)."""
-    return x / torch.exp(-x).add_(1)  # in place on a temporary: the same bits, one buffer
+    return x / torch.neg(x).exp_().add_(1)  # in place on a temporary: the same bits, one buffer
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return silu(gate) * up
+    return silu(gate).mul_(up)
 
 
 def softmax_parts(row_sum: RowSum, x: torch.Tensor):

@@ -164,6 +164,30 @@ class Engine:
                 except Exception as e:  # fail what was running, keep serving
                     self._fail_all(e)
 
+    def _drive(self, waiters: list["_Waiter"], on_done: Callable[[int], None] = lambda n: None):
+        """Step the engine in the calling thread until `waiters` are done, as vLLM's offline
+        `LLM.generate` does. Another caller's background loop may step too (steps are
+        serialized). Why not leave it to the loop thread: torch's OpenMP runtime (libgomp) keeps
+        a thread team per thread that ran parallel work; with the caller's (from loading) and
+        the loop thread's both alive there are more OpenMP threads than cores, libgomp then
+        barely spin-waits between parallel regions, and steps ran up to 2x slower here."""
+        done = 0
+        while done < len(waiters):
+            with self._cond:
+                while self._waiting_controls:  # let control calls in between steps
+                    self._cond.wait(0.001)
+                if not self.scheduler.has_work() or not self._can_step():
+                    self._cond.wait(0.05)  # another thread's work or a pause
+                else:
+                    try:
+                        self.step()
+                    except Exception as e:  # fail what was running, keep serving
+                        self._fail_all(e)
+            now = sum(w.event.is_set() for w in waiters)
+            if now > done:
+                on_done(now - done)
+                done = now
+
     @contextmanager
     def _control(self):
         """Run a control call between two steps (the loop yields to waiting callers)."""
@@ -235,8 +259,9 @@ class Engine:
         return request_id or f"req-{next(self._ids)}", text, token_ids, params
 
     def _submit(self, prepared: list, on_update: list, stream: bool = False,
-                score_from: list[int] | None = None) -> None:
-        """Queue requests together, so that the loop sees them in one batch."""
+                score_from: list[int] | None = None, drive: bool = False) -> None:
+        """Queue requests together, so that the loop sees them in one batch. `drive`: the
+        caller steps the engine itself (`_drive`); else the loop thread starts."""
         with self._control():
             self._check_can_generate()
             for k, ((request_id, text, token_ids, params), callback) in enumerate(
@@ -253,7 +278,8 @@ class Engine:
                 self._requests[request_id] = _Request(request_id, text, token_ids, seqs,
                                                       callback, stream)
                 self.scheduler.add(seqs[0])
-            self._kick()
+            if not drive:
+                self._kick()
 
     def _check_can_generate(self) -> None:
         """States that refuse new work: released memory, incomplete weights."""
@@ -329,13 +355,10 @@ class Engine:
                              "prompts; pass one, or one per prompt")
         prepared = [self._prepare(p, sp, None) for p, sp in zip(prompts, sampling_params)]
         waiters = [_Waiter() for _ in prepared]
-        self._submit(prepared, waiters)
+        self._submit(prepared, waiters, drive=True)
         with tqdm(total=len(waiters), disable=not use_tqdm, desc="generate") as bar:
-            results = []
-            for waiter in waiters:
-                results.append(waiter.result())
-                bar.update(1)
-        return results
+            self._drive(waiters, bar.update)
+        return [waiter.result() for waiter in waiters]
 
     def score(self, sequences: Seq[list[int]], response_start: int | Seq[int],
               temperature: float = 1.0) -> list[list[float]]:
@@ -356,7 +379,8 @@ class Engine:
             self._validate(tokens[:-1], params)
             prepared.append((f"score-{next(self._ids)}", None, tokens, params))
         waiters = [_Waiter() for _ in prepared]
-        self._submit(prepared, waiters, score_from=starts)
+        self._submit(prepared, waiters, score_from=starts, drive=True)
+        self._drive(waiters)
         return [w.result().outputs[0].logprobs for w in waiters]
 
     async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
