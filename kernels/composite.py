@@ -3,10 +3,12 @@ everything else is elementwise torch, whose bits do not depend on the batch. The
 those transformers runs, so the trainer-side mode (which swaps only the reductions) matches."""
 
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 
 RowSum = Callable[[torch.Tensor], torch.Tensor]
+MatMul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # x [M, K] @ w_t [K, N]
 
 
 def tree_sum(x: torch.Tensor) -> torch.Tensor:
@@ -26,6 +28,30 @@ def tree_sum(x: torch.Tensor) -> torch.Tensor:
         half //= 2
         y = y[..., :half] + y[..., half:]
     return y[..., 0]
+
+
+def weight_parts(w: torch.Tensor, splits: tuple[int, ...]) -> list[torch.Tensor]:
+    """The parts of a fused weight (or bias) along its first dimension, as views."""
+    bounds = [0, *accumulate(splits)]
+    return [w[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def linear(matmul: MatMul, x: torch.Tensor, w: torch.Tensor,
+           bias: torch.Tensor | None = None,
+           splits: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """F.linear on the backend's matmul. `splits` names the parts of a fused weight (q/k/v,
+    gate/up): each part is its own product, the very call a trainer's separate projection makes
+    (a product's bits can depend on its column count), and comes back as its own tensor."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if splits is None:
+        return _biased(matmul(x2, w.t()), bias).reshape(*x.shape[:-1], w.shape[0])
+    biases = weight_parts(bias, splits) if bias is not None else [None] * len(splits)
+    return [_biased(matmul(x2, part.t()), b).reshape(*x.shape[:-1], part.shape[0])
+            for part, b in zip(weight_parts(w, splits), biases)]
+
+
+def _biased(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
 
 
 def mean_last(row_sum: RowSum, x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:

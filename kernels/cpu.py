@@ -15,8 +15,7 @@ never on how many rows came with it or where the row sat. How:
 """
 
 import weakref
-from functools import partial
-from itertools import accumulate
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +100,7 @@ def mm_plan(w_t: torch.Tensor, op: str = "matmul") -> Plan:
 def _bmm_decided(k: int, n: int, op: str) -> tuple[Plan, invariance.Verdict]:
     def prove():
         like = torch.empty(invariance.MAX_BATCH, k, n)
-        # attention's operands are narrow (a head by a split): 128-row tiles are plenty
+        # up to 512 rows: a prefill chunk's rows per KV head come in one call
         tiles = tuple(t for t in invariance.TILE_CANDIDATES if t <= 512)
         return invariance.prove_tiles(lambda a, b: blas_bmm(a.contiguous(), b), like, tiles)
 
@@ -168,28 +167,6 @@ def matmul(x: torch.Tensor, w_t: torch.Tensor, op: str = "matmul") -> torch.Tens
     return _tiled_mm(x.contiguous(), w_t, mm_plan(w_t, op))
 
 
-def _parts(w: torch.Tensor, splits: tuple[int, ...]) -> list[torch.Tensor]:
-    bounds = [0, *accumulate(splits)]
-    return [w[a:b] for a, b in zip(bounds, bounds[1:])]
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           splits: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
-    """F.linear, batch invariant. `splits` names the parts of a fused weight (q/k/v, gate/up):
-    each part is its own product, the very call a trainer's separate projection makes (BLAS
-    bits can depend on the column count), and comes back as its own tensor."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if splits is None:
-        return _biased(matmul(x2, w.t(), "linear"), bias).reshape(*x.shape[:-1], w.shape[0])
-    biases = _parts(bias, splits) if bias is not None else [None] * len(splits)
-    return [_biased(matmul(x2, part.t(), "linear"), b).reshape(*x.shape[:-1], part.shape[0])
-            for part, b in zip(_parts(w, splits), biases)]
-
-
-def _biased(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias
-
-
 def prepare(linears, row_lengths, head_dim: int, split: int,
             dtype: torch.dtype) -> list[invariance.Verdict]:
     """Prove, at engine start, every shape the forward will run (so no proof runs inside a
@@ -197,7 +174,7 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
     attention products. Returns their verdicts."""
     verdicts = []
     for w, splits in linears:
-        parts = [w] if splits is None else _parts(w, splits)
+        parts = [w] if splits is None else composite.weight_parts(w, splits)
         verdicts += [_mm_decided(part.t(), "linear")[1] for part in parts]
     for n in row_lengths:
         verdicts.append(_mm_decided(_ones_column(n, torch.float32, torch.device("cpu")),
@@ -404,8 +381,8 @@ def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
     # a staircase over the causal triangle instead of the whole square
     step = max(1, min(ATTENTION_ELEMENTS // (kv_heads * num_splits * size),
                       PREFILL_CHUNK * group))
-    blocks = _float_blocks(tiles, num_splits, reuse=num_splits * kv_heads * size * d * 8
-                           <= REUSED_BLOCK_BYTES)
+    k_and_v_bytes = num_splits * kv_heads * size * d * 2 * 4
+    blocks = _float_blocks(tiles, reuse=k_and_v_bytes <= REUSED_BLOCK_BYTES)
     out = torch.empty(kv_heads, rows, d)
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
@@ -415,15 +392,12 @@ def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
             .reshape(length, h, d).to(q.dtype))
 
 
-def _float_blocks(tiles, num_splits: int, reuse: bool):
+def _float_blocks(tiles, reuse: bool):
     """blocks(s) -> tiles(s) in float32; converted once per split when `reuse` (they fit in
     REUSED_BLOCK_BYTES), else on every call."""
     def convert(s):
         return tuple(t.to(torch.float32) for t in tiles(s))
-    if not reuse:
-        return convert
-    cache = {}
-    return lambda s: cache[s] if s in cache else cache.setdefault(s, convert(s))
+    return cache(convert) if reuse else convert
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -443,6 +417,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 # ---------------------------------------------------------------- composite ops on row_sum
+linear = partial(composite.linear, partial(matmul, op="linear"))
 mean_last = partial(composite.mean_last, row_sum)
 rms_norm = partial(composite.rms_norm, row_sum)
 softmax_parts = partial(composite.softmax_parts, row_sum)

@@ -9,7 +9,6 @@ the aten ops below, reproduces them bitwise.
 """
 
 from functools import partial
-from itertools import accumulate
 
 import torch
 import triton
@@ -61,26 +60,6 @@ def matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
                        IEEE=x.dtype == torch.float32, BLOCK_M=GEMM_BLOCK_M,
                        BLOCK_N=GEMM_BLOCK_N, BLOCK_K=GEMM_BLOCK_K)
     return out
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           splits: tuple[int, ...] | None = None) -> torch.Tensor | list[torch.Tensor]:
-    """F.linear, batch invariant. A fused weight's parts (`splits`: q/k/v, gate/up) run as
-    separate products, the very calls a trainer's separate projections make: on the H200 a
-    float32 trainer differed from the engine in the last bit (checkpoint with hidden size 210 and
-    MLP width 232) while the engine ran the fused weight as one product, whose column count
-    Triton specializes differently (divisible by 16 or not)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if splits is None:
-        return _biased(matmul(x2, w.t()), bias).reshape(*x.shape[:-1], w.shape[0])
-    bounds = [0, *accumulate(splits)]
-    parts = [(w[a:b], None if bias is None else bias[a:b]) for a, b in zip(bounds, bounds[1:])]
-    return [_biased(matmul(x2, part.t()), b).reshape(*x.shape[:-1], part.shape[0])
-            for part, b in parts]
-
-
-def _biased(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias
 
 
 # ---------------------------------------------------------------- row reductions
@@ -181,6 +160,11 @@ def causal_attention(q, k, v, scale, split_size):
 
 
 # ---------------------------------------------------------------- composite ops on row_sum
+# a fused weight's parts run as separate products, the very calls a trainer's separate
+# projections make: on the H200 a float32 trainer differed from the engine in the last bit
+# (hidden size 210, MLP width 232) while the engine ran the fused weight as one product, whose
+# column count Triton specializes differently (divisible by 16 or not)
+linear = partial(composite.linear, matmul)
 mean_last = partial(composite.mean_last, row_sum)
 rms_norm = partial(composite.rms_norm, row_sum)
 softmax_parts = partial(composite.softmax_parts, row_sum)
