@@ -15,6 +15,7 @@ never on how many rows came with it or where the row sat. How:
 """
 
 import weakref
+from dataclasses import dataclass
 from functools import cache, partial
 
 import torch
@@ -100,8 +101,8 @@ def mm_plan(w_t: torch.Tensor, op: str = "matmul") -> Plan:
 def _bmm_decided(k: int, n: int, op: str) -> tuple[Plan, invariance.Verdict]:
     def prove():
         like = torch.empty(invariance.MAX_BATCH, k, n)
-        # up to 512 rows: a prefill chunk's rows per KV head come in one call
-        tiles = tuple(t for t in invariance.TILE_CANDIDATES if t <= 512)
+        # powers of two up to 512 rows: a prefill chunk's rows per KV head come in one call
+        tiles = invariance.powers_of_two(invariance.TILE_CANDIDATES)
         return invariance.prove_tiles(lambda a, b: blas_bmm(a.contiguous(), b), like, tiles)
 
     return _decided(("bmm", op, k, n, torch.get_num_threads()), prove, op,
@@ -127,21 +128,26 @@ def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def rows_bmm(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
-    """a [B, M, K] @ b [B, K, N] in float32, in proven row tiles and batch chunks: each row's
-    bits depend only on that row and its batch entry of b."""
+    """a [B, M, K] @ b [B, K, N] in float32 (b converted a batch chunk at a time, while it is in
+    cache), in proven row tiles and batch chunks: each row's bits depend only on that row and
+    its batch entry of b."""
     bsz, m, k = a.shape
     plan = bmm_plan(k, b.shape[2], op)
     if not plan.blas:
         return owned_mm(a, b)
     out = torch.empty(bsz, m, b.shape[2], dtype=torch.float32, device=a.device)
-    for start, rows, tile in plan.chunks(m):
+    chunks = plan.chunks(m)
+    parts = []
+    for start, rows, tile in chunks:
         part = a[:, start:start + rows]
         if rows < tile:
             part = F.pad(part, (0, 0, 0, tile - rows))
-        part = part.contiguous()
-        for lo in range(0, bsz, invariance.MAX_BATCH):
-            hi = min(lo + invariance.MAX_BATCH, bsz)
-            out[lo:hi, start:start + rows] = blas_bmm(part[lo:hi], b[lo:hi])[:, :rows]
+        parts.append(part.contiguous())
+    for lo in range(0, bsz, invariance.MAX_BATCH):
+        hi = min(lo + invariance.MAX_BATCH, bsz)
+        b_chunk = b[lo:hi].to(torch.float32)
+        for (start, rows, _), part in zip(chunks, parts):
+            out[lo:hi, start:start + rows] = blas_bmm(part[lo:hi], b_chunk)[:, :rows]
     return out
 
 
@@ -246,15 +252,58 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 _last_plan: list = [(lambda: None, None)]  # [(weakref to the block tables, their plan)]
+# Decode reads each cache block where it lies, in runs of nearby blocks: one product per run, so
+# the fewer runs the fewer calls (each run is ~20 small ops). A run spans gaps of up to RUN_GAP
+# unused blocks (reading them costs less than another run) and gives every block the same
+# number of reader slots: the readers' count rounded up to a power of two, and to at least
+# MIN_ROWS query rows (a product of fewer rows costs as much).
+RUN_GAP = 8
+MIN_ROWS = 8
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Cache blocks [start, start + length), read in place by one product; each block has
+    `slots` reader slots, each holding a sequence and a (sequence, split) pair, or the padding
+    row (index m of the queries, m * splits of the pairs), whose result is dropped into a spare
+    row of the output."""
+    start: int
+    length: int
+    slots: int
+    seqs: torch.Tensor  # [length * slots]
+    pairs: torch.Tensor  # [length * slots]
+
+
+def _slots(readers: int, group: int) -> int:
+    return max(1 << (readers - 1).bit_length(), -(-MIN_ROWS // group))
+
+
+def _runs(readers: dict[int, list[int]], slots: int, m: int, splits: int, device) -> list[_Run]:
+    """The blocks (with their reader pairs) of one slot count, cut into runs of nearby ids."""
+    blocks = sorted(readers)
+    pad = m * splits
+    runs, first = [], 0
+    for i in range(1, len(blocks) + 1):
+        if i < len(blocks) and blocks[i] - blocks[i - 1] <= RUN_GAP + 1:
+            continue
+        start, end = blocks[first], blocks[i - 1] + 1
+        pairs = []
+        for block in range(start, end):
+            taken = readers.get(block, [])
+            pairs += taken + [pad] * (slots - len(taken))
+        pairs_t = torch.tensor(pairs, device=device)
+        runs.append(_Run(start, end - start, slots,
+                         torch.div(pairs_t, splits, rounding_mode="floor"), pairs_t))
+        first = i
+    return runs
 
 
 def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: int,
-                 heads: int) -> list:
-    """Chunks of sequences (lo, hi, splits, groups) whose scores fit ATTENTION_ELEMENTS; in
-    each, groups (blocks [U], pairs [U * c], their sequences [U * c], c) of the (sequence,
-    split) pairs that read each block, c per block, pair = local sequence * splits + split: a
-    block shared by c sequences (a GRPO group's prompt) is read once for all of them. Made once
-    per step: every layer has the same block tables."""
+                 heads: int, kv_heads: int) -> list:
+    """Chunks of sequences (lo, hi, splits, runs) whose scores fit ATTENTION_ELEMENTS; in each,
+    the (sequence, split) pairs that read each block, pair = local sequence * splits + split, a
+    block shared by c sequences (a GRPO group's prompt) read once for all of them; the blocks
+    cut into `_Run`s. Made once per step: every layer has the same block tables."""
     ref, plan = _last_plan[0]
     if ref() is block_tables:
         return plan
@@ -267,20 +316,16 @@ def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: i
             if hi > lo and (hi + 1 - lo) * wider * size * heads > ATTENTION_ELEMENTS:
                 break
             hi, splits = hi + 1, wider
-        readers: dict[tuple[int, int], list[int]] = {}
+        readers: dict[int, list[int]] = {}
         for i in range(lo, hi):
             for s in range(-(-lens[i] // size)):
-                readers.setdefault((tables[i][s], s), []).append((i - lo) * splits + s)
-        by_count: dict[int, tuple[list[int], list[int]]] = {}
-        for (block, _), pairs in readers.items():
-            blocks, rows = by_count.setdefault(len(pairs), ([], []))
-            blocks.append(block)
-            rows.extend(pairs)
-        device = block_tables.device
-        groups = [(torch.tensor(b, device=device), pairs, pairs // splits, c)
-                  for c, (b, r) in sorted(by_count.items())
-                  for pairs in [torch.tensor(r, device=device)]]
-        plan.append((lo, hi, splits, groups))
+                readers.setdefault(tables[i][s], []).append((i - lo) * splits + s)
+        by_slots: dict[int, dict[int, list[int]]] = {}
+        for block, pairs in readers.items():
+            by_slots.setdefault(_slots(len(pairs), heads // kv_heads), {})[block] = pairs
+        runs = [run for slots, group in sorted(by_slots.items())
+                for run in _runs(group, slots, hi - lo, splits, block_tables.device)]
+        plan.append((lo, hi, splits, runs))
         lo = hi
     _last_plan[0] = (weakref.ref(block_tables), plan)
     return plan
@@ -300,15 +345,18 @@ def _ungrouped(y: torch.Tensor, c: int, h: int, g: int) -> torch.Tensor:
     return y.reshape(u, h, c, g, y.shape[-1]).transpose(1, 2).reshape(u * c, h, g, y.shape[-1])
 
 
-def _per_block(x: torch.Tensor, cache: torch.Tensor, groups, out: torch.Tensor, op: str,
-               by_sequence: bool = False) -> None:
-    """out[pair] = x[pair] @ cache[block] for every group, out [P, H, g, Y]; x [P, H, g, X],
-    or [sequences, H, g, X] (by_sequence: the pair's query is its sequence's)."""
+def _per_block(x: torch.Tensor, cache: torch.Tensor, runs: list[_Run], out: torch.Tensor,
+               op: str, by_sequence: bool = False) -> None:
+    """out[pair] = x[pair] @ cache[block] for every block of the runs, out [P + 1, H, g, Y] (row
+    P takes the padding's results); x [P, H, g, X], or [sequences, H, g, X] (by_sequence: the
+    pair's query is its sequence's). Each run reads its blocks where they lie in the cache."""
     _, h, g, _ = x.shape
-    for blocks, pairs, seqs, c in groups:
-        tiles = cache.index_select(0, blocks).reshape(-1, *cache.shape[2:]).to(torch.float32)
-        rows = _grouped(x, seqs if by_sequence else pairs, c)
-        out.index_copy_(0, pairs, _ungrouped(rows_bmm(rows, tiles, op), c, h, g))
+    x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # the padding row
+    for run in runs:
+        tiles = cache[run.start:run.start + run.length].reshape(-1, *cache.shape[2:])
+        rows = _grouped(x, run.seqs if by_sequence else run.pairs, run.slots)
+        products = rows_bmm(rows, tiles, op)
+        out.index_copy_(0, run.pairs, _ungrouped(products, run.slots, h, g))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -324,17 +372,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     g = h // kv_heads
     q4 = (q.to(torch.float32) * scale).reshape(n, kv_heads, g, d)
     out = torch.empty(n, kv_heads, g, d)
-    for lo, hi, splits, groups in _decode_plan(block_tables, context_lens, size, h):
+    for lo, hi, splits, runs in _decode_plan(block_tables, context_lens, size, h, kv_heads):
         m = hi - lo
-        scores = torch.empty(m * splits, kv_heads, g, size)
-        _per_block(q4[lo:hi], k_cache, groups, scores, "attention q.k", by_sequence=True)
-        scores = scores.view(m, splits, kv_heads, g, size).permute(0, 2, 3, 1, 4)
+        scores = torch.empty(m * splits + 1, kv_heads, g, size)
+        _per_block(q4[lo:hi], k_cache, runs, scores, "attention q.k", by_sequence=True)
+        scores = scores[:-1].view(m, splits, kv_heads, g, size).permute(0, 2, 3, 1, 4)
         q_pos = (context_lens[lo:hi] - 1).view(m, 1, 1).expand(m, kv_heads, g)
         p, l = _probs(scores, q_pos, size)
-        pv = torch.empty(m * splits, kv_heads, g, d)
+        pv = torch.empty(m * splits + 1, kv_heads, g, d)
         _per_block(p.permute(0, 3, 1, 2, 4).reshape(m * splits, kv_heads, g, size), v_cache,
-                   groups, pv, "attention p.v")
-        pv = pv.view(m, splits, kv_heads, g, d)
+                   runs, pv, "attention p.v")
+        pv = pv[:-1].view(m, splits, kv_heads, g, d)
         out[lo:hi] = _combine(lambda j: pv[:, j], _visible(q_pos, splits, size), l)
     return out.reshape(n, h, d).to(q.dtype)
 

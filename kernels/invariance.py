@@ -27,8 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-LARGE_OPERAND = 1 << 26  # elements: proofs of bigger tiles would take seconds; tiles <= 128
+# Row tiles tried, dense enough that a row count pads by at most a fifth of it (or 3 rows): a
+# BLAS call's cost grows with its rows, so padding 43 rows to 64 would waste a third of a decode
+# step's matmuls. Batched products try the powers of two only (their proofs run many batch
+# counts).
+TILE_CANDIDATES = (1, 2, *range(4, 64, 4), *range(64, 128, 8), *range(128, 256, 16),
+                   *range(256, 513, 64))
+LARGE_OPERAND = 1 << 26  # elements: each call of a tile takes tens of ms; fewer tiles, <= 128
+LARGE_TILE_CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 40, 48, 64, 80, 96, 128)
 MAX_BATCH = 256
 BATCH_COUNTS = (1, 2, 3, 4, 7, 16, 64, MAX_BATCH - 1, MAX_BATCH)
 SIGNATURE_ROWS = 32  # at most; fewer rows where each has many columns
@@ -82,7 +88,9 @@ class Plan:
     def describe(self) -> str:
         if not self.blas:
             return "owned reduction order (no BLAS tile proved invariant)"
-        return f"BLAS, row tiles {','.join(map(str, self.tiles))}"
+        if len(self.tiles) <= 8:
+            return f"BLAS, row tiles {','.join(map(str, self.tiles))}"
+        return f"BLAS, {len(self.tiles)} row tiles {self.tiles[0]}..{self.tiles[-1]}"
 
 
 @dataclass(frozen=True)
@@ -178,13 +186,24 @@ def _cost(run: Run, a: torch.Tensor, b: int, times: list[float]) -> float:
     return min(times)
 
 
+def powers_of_two(tiles: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(t for t in tiles if t & (t - 1) == 0)
+
+
+def _candidates(like: torch.Tensor) -> tuple[int, ...]:
+    if like.numel() > LARGE_OPERAND:
+        return LARGE_TILE_CANDIDATES
+    if like.shape[-2] * max(TILE_CANDIDATES) > LARGE_OPERAND:  # long rows (a vocabulary's
+        return powers_of_two(TILE_CANDIDATES)  # sum): each big tile reads much; fewer of them
+    return TILE_CANDIDATES
+
+
 def prove_tiles(product: Product, like: torch.Tensor,
                 candidates: tuple[int, ...] | None = None) -> Plan:
     """The class of row tiles proven invariant for `product` against an operand like `like`
     ([K, N], or [B, K, N] for a batched call), the class holding the largest passing tile (see
     the module docstring); an empty plan when no candidate passes."""
-    large = like.numel() > LARGE_OPERAND
-    candidates = candidates or tuple(t for t in TILE_CANDIDATES if not large or t <= 128)
+    candidates = candidates or _candidates(like)
     gen = torch.Generator().manual_seed(0)
     batched = like.dim() == 3
     k, n = like.shape[-2:]

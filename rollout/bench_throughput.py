@@ -58,7 +58,9 @@ def _phase_lines(run: RunResult) -> tuple[list[str], dict]:
     overhead["other Python"] = max(0.0, run.seconds - covered)
     rows = [("prefill forward (steps with prefill chunks)", get("prefill forward")),
             ("decode forward (decode-only steps)", get("decode forward")),
-            ("  of which attention (all steps)", get("attention")),
+            ("  attention on prefill chunks + K/V stores (in both)",
+             get("attention, prefill chunks")),
+            ("  attention on decode rows (in both)", get("attention, decode rows")),
             ("sampling", get("sampling")),
             ("scheduling + Python overhead", sum(overhead.values()))]
     rows += [(f"  {name}", s) for name, s in overhead.items()]
@@ -67,7 +69,7 @@ def _phase_lines(run: RunResult) -> tuple[list[str], dict]:
              f"{run.extra['steps']} "
              f"steps ({calls.get('prefill forward', 0)} with prefill, "
              f"{calls.get('decode forward', 0)} decode-only)"]
-    lines += [f"  {name:<46}{s:>8.2f} s{s / run.seconds:>7.0%}" for name, s in rows]
+    lines += [f"  {name:<54}{s:>8.2f} s{s / run.seconds:>7.0%}" for name, s in rows]
     return lines, {name.strip(): s for name, s in rows}
 
 

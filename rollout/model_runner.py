@@ -10,7 +10,7 @@ from kernels import get_ops
 from rollout.config import EngineConfig, ModelConfig
 from rollout.context import ForwardContext, PrefillSegment, forward_context
 from rollout.loader import build_model
-from rollout.memory import Arena, make_arena, trim_host_memory
+from rollout.memory import Arena, keep_freed_host_memory, make_arena, trim_host_memory
 from rollout.phases import PhaseTimer
 from rollout.sampler import Sampler, SampleSpec
 from rollout.scheduler import Sample, ScheduledBatch
@@ -35,6 +35,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype(model_config.checkpoint_dtype)
         self.block_size = config.block_size
+        self.host_memory_kept = self.device.type == "cpu" and keep_freed_host_memory()
         self.ops = get_ops(self.device, config.deterministic, config.kernel_backend)
         self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
         params = list(self.model.parameters())

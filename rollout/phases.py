@@ -2,8 +2,8 @@
 
 Off (the default), `span()` hands back one shared do-nothing context, so the hooks in the loop
 cost an attribute check each. On, every span adds its wall time to its phase (after a device
-synchronize on CUDA, so the time is the work's, not the launch's). Spans may nest: "attention"
-is part of the forward it runs in.
+synchronize on CUDA, so the time is the work's, not the launch's). Spans may nest: the attention
+spans are part of the forward they run in.
 """
 
 import time

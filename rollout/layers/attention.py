@@ -18,19 +18,18 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
-        with ctx.timer.span("attention"):
-            return self._attend(ctx, q, k, v)
-
-    def _attend(self, ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         out = torch.empty_like(q)
-        for seg in ctx.prefills:
-            rows = slice(seg.start, seg.end)
-            out[rows] = self.ops.prefill_attention(q[rows], self.k_cache, self.v_cache,
-                                                   seg.block_table, seg.positions, self.scale)
+        with ctx.timer.span("attention, prefill chunks"):
+            self.ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            for seg in ctx.prefills:
+                rows = slice(seg.start, seg.end)
+                out[rows] = self.ops.prefill_attention(q[rows], self.k_cache, self.v_cache,
+                                                       seg.block_table, seg.positions,
+                                                       self.scale)
         if ctx.decode_block_tables is not None:
-            rows = slice(ctx.decode_start, q.shape[0])
-            out[rows] = self.ops.decode_attention(q[rows], self.k_cache, self.v_cache,
-                                                  ctx.decode_block_tables,
-                                                  ctx.decode_context_lens, self.scale)
+            with ctx.timer.span("attention, decode rows"):
+                rows = slice(ctx.decode_start, q.shape[0])
+                out[rows] = self.ops.decode_attention(q[rows], self.k_cache, self.v_cache,
+                                                      ctx.decode_block_tables,
+                                                      ctx.decode_context_lens, self.scale)
         return out
