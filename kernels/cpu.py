@@ -16,7 +16,7 @@ never on how many rows came with it or where the row sat. How:
 
 import weakref
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -394,31 +394,51 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_table [num_blocks] covers every key up to the last position. Returns [L, H, D]."""
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     num_splits = int(positions[-1].item()) // size + 1
-    table = block_table[:num_splits].tolist()  # ints: a block is a view of the cache, no copy
-    return _dense_rows_attend(q, positions, kv_heads, lambda s: (k_cache[table[s]],
-                                                                 v_cache[table[s]]),
-                              num_splits, size, scale)
+
+    def splits(n: int):
+        blocks = block_table[:n]
+        return (k_cache.index_select(0, blocks).to(torch.float32),
+                v_cache.index_select(0, blocks).to(torch.float32))
+
+    return _dense_rows_attend(q, positions, kv_heads, splits, num_splits, size, scale)
 
 
-def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, blocks, splits: int,
+def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
                  size: int) -> torch.Tensor:
-    """q_rows [B, R, D] float32 (scaled), q_pos [B, R] (ascending along R); blocks(s) -> float32
-    (k_t [B, D, S], v [B, S, D]). Split j is computed only for the rows that see it, a suffix
-    of the rows; the others skip it, as a decode query skips the splits past it."""
+    """q_rows [B, R, D] float32 (scaled), q_pos [B, R] (ascending along R); k_t [J, B, D, S] and
+    v [J, B, S, D] float32, the splits these rows see. Each product takes up to MAX_BATCH
+    (split, head) pairs at once; a row's scores in a split past its position are masked to
+    weight 0, and split j adds to a row's sum only where the row sees it (a suffix of the rows),
+    as a decode query skips the splits past it."""
+    splits, b, d, _ = k_t.shape
+    r = q_rows.shape[1]
+    per_call = max(1, invariance.MAX_BATCH // b)
+    q_rep = q_rows.expand(min(splits, per_call), b, r, d).reshape(-1, r, d)  # one copy per split
+    scores = q_rows.new_empty(b, r, splits, size)
+    for lo in range(0, splits, per_call):
+        hi = min(lo + per_call, splits)
+        part = rows_bmm(q_rep[:(hi - lo) * b], k_t[lo:hi].reshape(-1, d, size), "attention q.k")
+        scores[:, :, lo:hi] = part.view(hi - lo, b, r, size).permute(1, 2, 0, 3)
+    p, l = _probs(scores, q_pos, size)
     first = torch.searchsorted(q_pos[0], torch.arange(splits, device=q_pos.device) * size)
     first = first.tolist()
-    scores = q_rows.new_full((*q_rows.shape[:2], splits, size), float("-inf"))
-    for j in range(splits):
-        scores[:, first[j]:, j] = rows_bmm(q_rows[:, first[j]:], blocks(j)[0], "attention q.k")
-    p, l = _probs(scores, q_pos, size)
-    acc = rows_bmm(p[:, :, 0].contiguous(), blocks(0)[1], "attention p.v")
-    for j in range(1, splits):
-        acc[:, first[j]:] += rows_bmm(p[:, first[j]:, j].contiguous(), blocks(j)[1],
-                                      "attention p.v")
+    acc = None
+    for lo in range(0, splits, per_call):
+        hi = min(lo + per_call, splits)
+        weights = p[:, :, lo:hi].permute(2, 0, 1, 3).reshape(-1, r, size)
+        pv = rows_bmm(weights, v[lo:hi].reshape(-1, size, d), "attention p.v")
+        pv = pv.view(hi - lo, b, r, d)
+        for j in range(lo, hi):
+            if acc is None:
+                acc = pv[0].clone()
+            else:
+                acc[:, first[j]:] += pv[j - lo, :, first[j]:]
     return acc / l.unsqueeze(-1)
 
 
-def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
+def _dense_rows_attend(q, positions, kv_heads, splits, num_splits, size, scale):
+    """splits(n) -> the first n splits' (k_t [n, kv_heads, D, S], v [n, kv_heads, S, D]) in
+    float32, made once for the whole run when they fit in REUSED_BLOCK_BYTES."""
     length, h, d = q.shape
     group = h // kv_heads
     rows = length * group
@@ -430,22 +450,15 @@ def _dense_rows_attend(q, positions, kv_heads, tiles, num_splits, size, scale):
     step = max(1, min(ATTENTION_ELEMENTS // (kv_heads * num_splits * size),
                       PREFILL_CHUNK * group))
     k_and_v_bytes = num_splits * kv_heads * size * d * 2 * 4
-    blocks = _float_blocks(tiles, reuse=k_and_v_bytes <= REUSED_BLOCK_BYTES)
+    whole = splits(num_splits) if k_and_v_bytes <= REUSED_BLOCK_BYTES else None
     out = torch.empty(kv_heads, rows, d)
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         last = int(q_pos[0, hi - 1].item()) // size + 1  # later splits are masked for these rows
-        out[:, lo:hi] = _attend_rows(q_rows[:, lo:hi], q_pos[:, lo:hi], blocks, last, size)
+        k_t, v = (whole[0][:last], whole[1][:last]) if whole else splits(last)
+        out[:, lo:hi] = _attend_rows(q_rows[:, lo:hi], q_pos[:, lo:hi], k_t, v, size)
     return (out.reshape(kv_heads, length, group, d).permute(1, 0, 2, 3)
             .reshape(length, h, d).to(q.dtype))
-
-
-def _float_blocks(tiles, reuse: bool):
-    """blocks(s) -> tiles(s) in float32; converted once per split when `reuse` (they fit in
-    REUSED_BLOCK_BYTES), else on every call."""
-    def convert(s):
-        return tuple(t.to(torch.float32) for t in tiles(s))
-    return cache(convert) if reuse else convert
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -457,10 +470,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     padded = num_splits * split_size
     k = F.pad(k, (0, 0, 0, 0, 0, padded - length)).reshape(num_splits, split_size, kv_heads, d)
     v = F.pad(v, (0, 0, 0, 0, 0, padded - length)).reshape(num_splits, split_size, kv_heads, d)
-    k_tiles = k.permute(0, 2, 3, 1).contiguous()  # [splits, kv_heads, D, S]
-    v_tiles = v.permute(0, 2, 1, 3).contiguous()  # [splits, kv_heads, S, D]
+    k_tiles = k.permute(0, 2, 3, 1).to(torch.float32).contiguous()  # [splits, kv_heads, D, S]
+    v_tiles = v.permute(0, 2, 1, 3).to(torch.float32).contiguous()  # [splits, kv_heads, S, D]
     positions = torch.arange(length, device=q.device)
-    return _dense_rows_attend(q, positions, kv_heads, lambda s: (k_tiles[s], v_tiles[s]),
+    return _dense_rows_attend(q, positions, kv_heads, lambda n: (k_tiles[:n], v_tiles[:n]),
                               num_splits, split_size, scale)
 
 
