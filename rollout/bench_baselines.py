@@ -55,6 +55,8 @@ def run_hf(path: str, workload: Workload, dtype: torch.dtype, device: torch.devi
     left-padded, num_return_sequences=n; each call runs until its longest response is done.
     Only the tokens each request asked for count as output."""
     import transformers
+    if progress is None:  # --no-progress: no loading bar either
+        transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
     pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0

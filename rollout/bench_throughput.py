@@ -158,7 +158,8 @@ def _baseline_runs(path: str, workload: Workload, engine_run: RunResult,
     if "hf" in options.baselines:
         with tqdm(total=workload.output_tokens, unit="tok", disable=not options.progress,
                   desc=f"transformers {str(dtype).removeprefix('torch.')}") as bar:
-            runs.append(run_hf(path, workload, dtype, device, options.hf_prompts_per_call, bar))
+            runs.append(run_hf(path, workload, dtype, device, options.hf_prompts_per_call,
+                               bar if options.progress else None))
         gc.collect()
     if "vllm" in options.baselines:
         if not vllm_available(options.vllm_python):
