@@ -1,0 +1,84 @@
+"""The CPU attention kernels against the trainer's dense attention, bitwise: decode reads the
+paged cache in runs of nearby blocks (shared prompts, scattered tails, gaps both under and over
+a run's reach, reader counts in different slot classes); prefill meets a chunk's splits in
+batched products."""
+
+import pytest
+import torch
+
+from kernels import cpu
+
+HEADS, KV_HEADS, D, SPLIT = 4, 2, 32, 16
+SCALE = D ** -0.5
+
+
+def _rand(*shape, seed, dtype):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _groups():
+    """(prompt length, readers, tail lengths): prompts shared by 1, 3 and 8 sequences."""
+    return [(40, 1, [9]), (33, 3, [1, 17, 30]), (64, 8, [2, 5, 16, 16, 20, 31, 33, 47])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_in_runs_of_scattered_blocks_equals_dense_attention(dtype):
+    num_blocks = 160
+    k_cache = torch.zeros(num_blocks, KV_HEADS, D, SPLIT, dtype=dtype)
+    v_cache = torch.zeros(num_blocks, KV_HEADS, SPLIT, D, dtype=dtype)
+    # block ids: some adjacent, some a few apart (inside a run), some far apart (new runs)
+    free = [3, 4, 5, 9, 10, 30, 31, 33, 40, 41, 42, 43, 70, 71, 90, 97, 99, 120, 121, 122, 123,
+            124, 125, 126, 127, 128, 129, 150, 151, 152, 153, 154, 155, 156, 157, 158, 159,
+            60, 61, 62, 63, 64, 65]
+    tables, lengths, queries, dense = [], [], [], []
+    seed = 0
+    for prompt_len, readers, tails in _groups():
+        shared = [free.pop(0) for _ in range(prompt_len // SPLIT)]
+        seed += 1
+        prompt_k = _rand(prompt_len, KV_HEADS, D, seed=seed, dtype=dtype)
+        prompt_v = _rand(prompt_len, KV_HEADS, D, seed=seed + 100, dtype=dtype)
+        for r in range(readers):
+            seed += 1
+            length = prompt_len + tails[r]
+            k = torch.cat([prompt_k, _rand(tails[r], KV_HEADS, D, seed=seed, dtype=dtype)])
+            v = torch.cat([prompt_v, _rand(tails[r], KV_HEADS, D, seed=seed + 100, dtype=dtype)])
+            q = _rand(length, HEADS, D, seed=seed + 200, dtype=dtype)
+            table = shared + [free.pop(0) for _ in range(-(-length // SPLIT) - len(shared))]
+            pos = torch.arange(len(shared) * SPLIT, length)  # the prompt's full blocks: stored once
+            slots = torch.tensor(table)[pos // SPLIT] * SPLIT + pos % SPLIT
+            cpu.store_kv(k[pos], v[pos], k_cache, v_cache, slots)
+            if r == 0:
+                pos = torch.arange(len(shared) * SPLIT)
+                slots = torch.tensor(table)[pos // SPLIT] * SPLIT + pos % SPLIT
+                cpu.store_kv(k[pos], v[pos], k_cache, v_cache, slots)
+            tables.append(table)
+            lengths.append(length)
+            queries.append(q[-1])
+            dense.append(cpu.causal_attention(q, k, v, SCALE, SPLIT)[-1])
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    context_lens = torch.tensor(lengths)
+    out = cpu.decode_attention(torch.stack(queries), k_cache, v_cache, block_tables,
+                               context_lens, SCALE)
+    for i, row in enumerate(dense):
+        assert torch.equal(out[i], row), i
+        alone = cpu.decode_attention(queries[i][None], k_cache, v_cache, block_tables[i:i + 1],
+                                     context_lens[i:i + 1], SCALE)
+        assert torch.equal(alone[0], row), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_in_chunks_equals_dense_attention(dtype):
+    length = 150  # several prefill chunks of PREFILL_CHUNK positions, ten splits
+    q = _rand(length, HEADS, D, seed=1, dtype=dtype)
+    k, v = _rand(length, KV_HEADS, D, seed=2, dtype=dtype), _rand(length, KV_HEADS, D, seed=3,
+                                                                  dtype=dtype)
+    dense = cpu.causal_attention(q, k, v, SCALE, SPLIT)
+    table = torch.tensor([7, 2, 11, 0, 5, 9, 1, 12, 3, 8])
+    k_cache = torch.zeros(13, KV_HEADS, D, SPLIT, dtype=dtype)
+    v_cache = torch.zeros(13, KV_HEADS, SPLIT, D, dtype=dtype)
+    pos = torch.arange(length)
+    cpu.store_kv(k, v, k_cache, v_cache, table[pos // SPLIT] * SPLIT + pos % SPLIT)
+    for a, b in ((0, length), (0, 70), (70, 71), (71, length)):
+        part = cpu.prefill_attention(q[a:b], k_cache, v_cache, table, pos[a:b], SCALE)
+        assert torch.equal(part, dense[a:b]), (a, b)
