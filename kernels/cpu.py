@@ -395,12 +395,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     num_splits = int(positions[-1].item()) // size + 1
 
-    def splits(n: int):
+    def stacked(n: int):
         blocks = block_table[:n]
         return (k_cache.index_select(0, blocks).to(torch.float32),
                 v_cache.index_select(0, blocks).to(torch.float32))
 
-    return _dense_rows_attend(q, positions, kv_heads, splits, num_splits, size, scale)
+    return _dense_rows_attend(q, positions, kv_heads, stacked, num_splits, size, scale)
 
 
 def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
@@ -422,22 +422,21 @@ def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, k_t: torch.Tensor, v
     p, l = _probs(scores, q_pos, size)
     first = torch.searchsorted(q_pos[0], torch.arange(splits, device=q_pos.device) * size)
     first = first.tolist()
-    acc = None
     for lo in range(0, splits, per_call):
         hi = min(lo + per_call, splits)
         weights = p[:, :, lo:hi].permute(2, 0, 1, 3).reshape(-1, r, size)
         pv = rows_bmm(weights, v[lo:hi].reshape(-1, size, d), "attention p.v")
         pv = pv.view(hi - lo, b, r, d)
-        for j in range(lo, hi):
-            if acc is None:
+        for j in range(lo, hi):  # in split order; split 0 is seen by every row
+            if j == 0:
                 acc = pv[0].clone()
             else:
                 acc[:, first[j]:] += pv[j - lo, :, first[j]:]
     return acc / l.unsqueeze(-1)
 
 
-def _dense_rows_attend(q, positions, kv_heads, splits, num_splits, size, scale):
-    """splits(n) -> the first n splits' (k_t [n, kv_heads, D, S], v [n, kv_heads, S, D]) in
+def _dense_rows_attend(q, positions, kv_heads, stacked, num_splits, size, scale):
+    """stacked(n) -> the first n splits' (k_t [n, kv_heads, D, S], v [n, kv_heads, S, D]) in
     float32, made once for the whole run when they fit in REUSED_BLOCK_BYTES."""
     length, h, d = q.shape
     group = h // kv_heads
@@ -450,12 +449,12 @@ def _dense_rows_attend(q, positions, kv_heads, splits, num_splits, size, scale):
     step = max(1, min(ATTENTION_ELEMENTS // (kv_heads * num_splits * size),
                       PREFILL_CHUNK * group))
     k_and_v_bytes = num_splits * kv_heads * size * d * 2 * 4
-    whole = splits(num_splits) if k_and_v_bytes <= REUSED_BLOCK_BYTES else None
+    whole = stacked(num_splits) if k_and_v_bytes <= REUSED_BLOCK_BYTES else None
     out = torch.empty(kv_heads, rows, d)
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         last = int(q_pos[0, hi - 1].item()) // size + 1  # later splits are masked for these rows
-        k_t, v = (whole[0][:last], whole[1][:last]) if whole else splits(last)
+        k_t, v = (whole[0][:last], whole[1][:last]) if whole else stacked(last)
         out[:, lo:hi] = _attend_rows(q_rows[:, lo:hi], q_pos[:, lo:hi], k_t, v, size)
     return (out.reshape(kv_heads, length, group, d).permute(1, 0, 2, 3)
             .reshape(length, h, d).to(q.dtype))

@@ -35,7 +35,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype(model_config.checkpoint_dtype)
         self.block_size = config.block_size
-        self.host_memory_kept = self.device.type == "cpu" and keep_freed_host_memory()
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         self.ops = get_ops(self.device, config.deterministic, config.kernel_backend)
         self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
         params = list(self.model.parameters())
