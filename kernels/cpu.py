@@ -207,7 +207,7 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
 ATTENTION_ELEMENTS = 1 << 23  # scores held at once (per chunk of rows or sequences)
 PREFILL_CHUNK = 64  # query positions per chunk of a prefill (see _dense_rows_attend)
 REUSED_BLOCK_BYTES = 64 << 20  # float32 K/V blocks of a prefill kept for all its chunks
-SUBNORMAL_EXP = -87.0  # exp of less is below float32's smallest normal (2^-126 = e^-87.34)
+SUBNORMAL_EXP = -87.0  # weights of scores this far under the maximum (or further) are 0
 
 
 def _key_positions(splits: int, size: int, device) -> torch.Tensor:
@@ -215,14 +215,16 @@ def _key_positions(splits: int, size: int, device) -> torch.Tensor:
 
 
 def _probs(scores: torch.Tensor, q_pos: torch.Tensor, size: int):
-    """scores [..., J, S] for rows at q_pos [...]: the masked two-pass weights p [..., J, S]
-    and their total l [...]."""
+    """scores [..., J, S] for rows at q_pos (broadcasting to scores' leading dims: the fewer
+    positions given, the smaller the mask): the masked two-pass weights p [..., J, S] and
+    their total l [...]."""
     keys = _key_positions(scores.shape[-2], size, scores.device)
-    scores = scores.masked_fill(keys > q_pos[..., None, None], float("-inf"))
+    scores = torch.where(keys > q_pos[..., None, None], float("-inf"), scores)
     scores = scores - scores.amax(dim=(-2, -1), keepdim=True)
-    # weights below the smallest normal float are 0: exp is 20x slower on subnormal results,
-    # and a sum of at least 1 (the maximum's weight) cannot see them
-    p = torch.exp(scores.masked_fill_(scores < SUBNORMAL_EXP, float("-inf")))
+    # weights of exp(x <= -87), below the smallest normal float, are 0: exp is 20x slower on
+    # subnormal results, and a sum of at least 1 (the maximum's weight) cannot see them
+    # (out-of-place ops throughout: a trainer differentiates through this)
+    p = torch.exp(F.threshold(scores, SUBNORMAL_EXP, float("-inf")))
     sums = tree_sum(p)
     l = sums[..., 0]
     for j in range(1, sums.shape[-1]):
@@ -230,16 +232,28 @@ def _probs(scores: torch.Tensor, q_pos: torch.Tensor, size: int):
     return p, l
 
 
-def _combine(parts, visible: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """parts(j) -> p_j @ V_j [..., D]; visible [..., J]: whether the row sees split j."""
-    acc = parts(0)
-    for j in range(1, visible.shape[-1]):
-        acc = torch.where(visible[..., j, None], acc + parts(j), acc)
+def _combine(pv: torch.Tensor, visible: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """pv [m, J, ..., D]: p_j @ V_j of each sequence's splits; visible [m, J]: whether the
+    sequence's query sees split j. The splits it does not see become -0.0, which adds nothing
+    (x + -0.0 is x, bit for bit, zeros of both signs included), so each row sums exactly its
+    visible splits in split order, as prefill does."""
+    pv = pv.masked_fill_(~visible.view(*visible.shape, *[1] * (pv.dim() - 2)), -0.0)
+    acc = pv[:, 0] + pv[:, 1] if pv.shape[1] > 1 else pv[:, 0].clone()
+    for j in range(2, pv.shape[1]):
+        acc += pv[:, j]
     return acc / l.unsqueeze(-1)
 
 
 def _visible(q_pos: torch.Tensor, splits: int, size: int) -> torch.Tensor:
     return torch.arange(splits, device=q_pos.device) * size <= q_pos.unsqueeze(-1)
+
+
+def cache_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, whatever the model's dtype: attention here computes in float32, and a bfloat16
+    cache would be converted block by block at every read (a third of a bfloat16 decode's
+    attention time). The stored values are the model dtype's (K and V are rounded to it before
+    they are stored), so the bits are those of a cache in the model's dtype."""
+    return torch.float32
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -255,10 +269,9 @@ _last_plan: list = [(lambda: None, None)]  # [(weakref to the block tables, thei
 # Decode reads each cache block where it lies, in runs of nearby blocks: one product per run, so
 # the fewer runs the fewer calls (each run is ~20 small ops). A run spans gaps of up to RUN_GAP
 # unused blocks (reading them costs less than another run) and gives every block the same
-# number of reader slots: the readers' count rounded up to a power of two, and to at least
-# MIN_ROWS query rows (a product of fewer rows costs as much).
+# number of reader slots: the readers' count rounded up to a power of two (`rows_bmm` pads a
+# product's rows to the plan's smallest tile, so few readers cost no more than that).
 RUN_GAP = 8
-MIN_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -274,8 +287,8 @@ class _Run:
     pairs: torch.Tensor  # [length * slots]
 
 
-def _slots(readers: int, group: int) -> int:
-    return max(1 << (readers - 1).bit_length(), -(-MIN_ROWS // group))
+def _slots(readers: int) -> int:
+    return 1 << (readers - 1).bit_length()
 
 
 def _runs(readers: dict[int, list[int]], slots: int, m: int, splits: int, device) -> list[_Run]:
@@ -299,7 +312,7 @@ def _runs(readers: dict[int, list[int]], slots: int, m: int, splits: int, device
 
 
 def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: int,
-                 heads: int, kv_heads: int) -> list:
+                 heads: int) -> list:
     """Chunks of sequences (lo, hi, splits, runs) whose scores fit ATTENTION_ELEMENTS; in each,
     the (sequence, split) pairs that read each block, pair = local sequence * splits + split, a
     block shared by c sequences (a GRPO group's prompt) read once for all of them; the blocks
@@ -322,7 +335,7 @@ def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: i
                 readers.setdefault(tables[i][s], []).append((i - lo) * splits + s)
         by_slots: dict[int, dict[int, list[int]]] = {}
         for block, pairs in readers.items():
-            by_slots.setdefault(_slots(len(pairs), heads // kv_heads), {})[block] = pairs
+            by_slots.setdefault(_slots(len(pairs)), {})[block] = pairs
         runs = [run for slots, group in sorted(by_slots.items())
                 for run in _runs(group, slots, hi - lo, splits, block_tables.device)]
         plan.append((lo, hi, splits, runs))
@@ -372,18 +385,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     g = h // kv_heads
     q4 = (q.to(torch.float32) * scale).reshape(n, kv_heads, g, d)
     out = torch.empty(n, kv_heads, g, d)
-    for lo, hi, splits, runs in _decode_plan(block_tables, context_lens, size, h, kv_heads):
+    for lo, hi, splits, runs in _decode_plan(block_tables, context_lens, size, h):
         m = hi - lo
         scores = torch.empty(m * splits + 1, kv_heads, g, size)
         _per_block(q4[lo:hi], k_cache, runs, scores, "attention q.k", by_sequence=True)
         scores = scores[:-1].view(m, splits, kv_heads, g, size).permute(0, 2, 3, 1, 4)
-        q_pos = (context_lens[lo:hi] - 1).view(m, 1, 1).expand(m, kv_heads, g)
+        q_pos = (context_lens[lo:hi] - 1).view(m, 1, 1)
         p, l = _probs(scores, q_pos, size)
         pv = torch.empty(m * splits + 1, kv_heads, g, d)
         _per_block(p.permute(0, 3, 1, 2, 4).reshape(m * splits, kv_heads, g, size), v_cache,
                    runs, pv, "attention p.v")
         pv = pv[:-1].view(m, splits, kv_heads, g, d)
-        out[lo:hi] = _combine(lambda j: pv[:, j], _visible(q_pos, splits, size), l)
+        out[lo:hi] = _combine(pv, _visible(q_pos.view(m), splits, size), l)
     return out.reshape(n, h, d).to(q.dtype)
 
 
@@ -419,7 +432,7 @@ def _attend_rows(q_rows: torch.Tensor, q_pos: torch.Tensor, k_t: torch.Tensor, v
         hi = min(lo + per_call, splits)
         part = rows_bmm(q_rep[:(hi - lo) * b], k_t[lo:hi].reshape(-1, d, size), "attention q.k")
         scores[:, :, lo:hi] = part.view(hi - lo, b, r, size).permute(1, 2, 0, 3)
-    p, l = _probs(scores, q_pos, size)
+    p, l = _probs(scores, q_pos[:1], size)  # every head's rows sit at the same positions
     first = torch.searchsorted(q_pos[0], torch.arange(splits, device=q_pos.device) * size)
     first = first.tolist()
     for lo in range(0, splits, per_call):
