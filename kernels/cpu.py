@@ -46,9 +46,10 @@ def blas_mm(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, w_t)
 
 
-def blas_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The one batched BLAS call: a [B, T, K] @ b [B, K, N], contiguous, T a proven tile."""
-    return torch.bmm(a, b)
+def blas_bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The one batched BLAS call: a [B, T, K] @ b [B, K, N], contiguous, T a proven tile (into
+    `out` [B, T, N], contiguous, where given: torch's same kernel, writing there)."""
+    return torch.bmm(a, b, out=out)
 
 
 def owned_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -137,6 +138,7 @@ def rows_bmm(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
         return owned_mm(a, b)
     out = torch.empty(bsz, m, b.shape[2], dtype=torch.float32, device=a.device)
     chunks = plan.chunks(m)
+    whole = chunks == [(0, m, m)]  # one tile, no padding: the products go straight into out
     parts = []
     for start, rows, tile in chunks:
         part = a[:, start:start + rows]
@@ -147,7 +149,10 @@ def rows_bmm(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
         hi = min(lo + invariance.MAX_BATCH, bsz)
         b_chunk = b[lo:hi].to(torch.float32)
         for (start, rows, _), part in zip(chunks, parts):
-            out[lo:hi, start:start + rows] = blas_bmm(part[lo:hi], b_chunk)[:, :rows]
+            if whole:
+                blas_bmm(part[lo:hi], b_chunk, out=out[lo:hi])
+            else:
+                out[lo:hi, start:start + rows] = blas_bmm(part[lo:hi], b_chunk)[:, :rows]
     return out
 
 
@@ -232,20 +237,14 @@ def _probs(scores: torch.Tensor, q_pos: torch.Tensor, size: int):
     return p, l
 
 
-def _combine(pv: torch.Tensor, visible: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """pv [m, J, ..., D]: p_j @ V_j of each sequence's splits; visible [m, J]: whether the
-    sequence's query sees split j. The splits it does not see become -0.0, which adds nothing
-    (x + -0.0 is x, bit for bit, zeros of both signs included), so each row sums exactly its
-    visible splits in split order, as prefill does."""
-    pv = pv.masked_fill_(~visible.view(*visible.shape, *[1] * (pv.dim() - 2)), -0.0)
+def _combine(pv: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """pv [m, J, ..., D]: p_j @ V_j of each sequence's splits, in split order; the splits a
+    sequence does not see hold -0.0, which adds nothing (x + -0.0 is x, bit for bit, zeros of
+    both signs included), so each row sums exactly its visible splits, as prefill does."""
     acc = pv[:, 0] + pv[:, 1] if pv.shape[1] > 1 else pv[:, 0].clone()
     for j in range(2, pv.shape[1]):
         acc += pv[:, j]
     return acc / l.unsqueeze(-1)
-
-
-def _visible(q_pos: torch.Tensor, splits: int, size: int) -> torch.Tensor:
-    return torch.arange(splits, device=q_pos.device) * size <= q_pos.unsqueeze(-1)
 
 
 def cache_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -313,10 +312,11 @@ def _runs(readers: dict[int, list[int]], slots: int, m: int, splits: int, device
 
 def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: int,
                  heads: int) -> list:
-    """Chunks of sequences (lo, hi, splits, runs) whose scores fit ATTENTION_ELEMENTS; in each,
-    the (sequence, split) pairs that read each block, pair = local sequence * splits + split, a
-    block shared by c sequences (a GRPO group's prompt) read once for all of them; the blocks
-    cut into `_Run`s. Made once per step: every layer has the same block tables."""
+    """Chunks of sequences (lo, hi, splits, runs, unseen) whose scores fit ATTENTION_ELEMENTS;
+    in each, the (sequence, split) pairs that read each block, pair = local sequence * splits +
+    split, a block shared by c sequences (a GRPO group's prompt) read once for all of them; the
+    blocks cut into `_Run`s; and the pairs past their sequence's last split. Made once per step:
+    every layer has the same block tables."""
     ref, plan = _last_plan[0]
     if ref() is block_tables:
         return plan
@@ -330,15 +330,19 @@ def _decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, size: i
                 break
             hi, splits = hi + 1, wider
         readers: dict[int, list[int]] = {}
+        unseen = []
         for i in range(lo, hi):
-            for s in range(-(-lens[i] // size)):
+            seen = -(-lens[i] // size)
+            for s in range(seen):
                 readers.setdefault(tables[i][s], []).append((i - lo) * splits + s)
+            unseen += range((i - lo) * splits + seen, (i - lo + 1) * splits)
         by_slots: dict[int, dict[int, list[int]]] = {}
         for block, pairs in readers.items():
             by_slots.setdefault(_slots(len(pairs)), {})[block] = pairs
         runs = [run for slots, group in sorted(by_slots.items())
                 for run in _runs(group, slots, hi - lo, splits, block_tables.device)]
-        plan.append((lo, hi, splits, runs))
+        plan.append((lo, hi, splits, runs, torch.tensor(unseen, dtype=torch.long,
+                                                        device=block_tables.device)))
         lo = hi
     _last_plan[0] = (weakref.ref(block_tables), plan)
     return plan
@@ -385,7 +389,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     g = h // kv_heads
     q4 = (q.to(torch.float32) * scale).reshape(n, kv_heads, g, d)
     out = torch.empty(n, kv_heads, g, d)
-    for lo, hi, splits, runs in _decode_plan(block_tables, context_lens, size, h):
+    for lo, hi, splits, runs, unseen in _decode_plan(block_tables, context_lens, size, h):
         m = hi - lo
         scores = torch.empty(m * splits + 1, kv_heads, g, size)
         _per_block(q4[lo:hi], k_cache, runs, scores, "attention q.k", by_sequence=True)
@@ -395,8 +399,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         pv = torch.empty(m * splits + 1, kv_heads, g, d)
         _per_block(p.permute(0, 3, 1, 2, 4).reshape(m * splits, kv_heads, g, size), v_cache,
                    runs, pv, "attention p.v")
-        pv = pv[:-1].view(m, splits, kv_heads, g, d)
-        out[lo:hi] = _combine(pv, _visible(q_pos.view(m), splits, size), l)
+        pv.index_fill_(0, unseen, -0.0)
+        out[lo:hi] = _combine(pv[:-1].view(m, splits, kv_heads, g, d), l)
     return out.reshape(n, h, d).to(q.dtype)
 
 
