@@ -138,7 +138,10 @@ def rows_bmm(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
         return owned_mm(a, b)
     out = torch.empty(bsz, m, b.shape[2], dtype=torch.float32, device=a.device)
     chunks = plan.chunks(m)
-    whole = chunks == [(0, m, m)]  # one tile, no padding: the products go straight into out
+    # one tile, no padding: the products go straight into out (not where a trainer
+    # differentiates: autograd does not record products written into a given tensor)
+    tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    whole = chunks == [(0, m, m)] and not tracked
     parts = []
     for start, rows, tile in chunks:
         part = a[:, start:start + rows]
