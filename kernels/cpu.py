@@ -78,6 +78,7 @@ def _decided(key: tuple, prove, op: str, shape: str, dtype) -> tuple[Plan, invar
     got = _plans.get(key)
     if got is None:
         plan = prove()
+        plan.cover_all()
         got = _plans[key] = (plan, invariance.record(op, shape, dtype, plan.describe(), True))
     return got
 

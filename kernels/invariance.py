@@ -70,10 +70,20 @@ class Plan:
                            for i, t in enumerate(self.tiles)), key=lambda ct: (ct[0], -ct[1]))
         return best[rows][1]
 
+    @property
+    def horizon(self) -> int:
+        return 4 * self.tiles[-1]
+
+    def cover_all(self) -> None:
+        """Work out the cheapest cover of every row count up to the horizon now (at engine
+        start: tens of ms for a plan of many tiles, which a step should not pay)."""
+        if self.blas:
+            self._choice(self.horizon)
+
     def chunks(self, rows: int) -> list[tuple[int, int, int]]:
         """(start, rows taken, tile) covering `rows` at the least measured cost: past a few
         largest tiles, the tile with the cheapest row repeats; the rest is the cheapest cover."""
-        horizon = 4 * self.tiles[-1]
+        horizon = self.horizon
         per_row = min(range(len(self.tiles)), key=lambda i: self._cost(i) / self.tiles[i])
         out, i = [], 0
         while rows - i > horizon:
