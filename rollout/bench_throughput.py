@@ -120,38 +120,30 @@ def _hardware(engine: Engine, run: RunResult, workload: Workload) -> tuple[list[
                    "decode_batch1_step_s": decode["step_s"]}
 
 
-def _engine_runs(model: str | None, workload: Workload, dtype: str, options: BenchOptions,
-                 **engine_kwargs) -> tuple[list[RunResult], list[str], dict, float]:
-    """The deterministic engine (phases, hardware lines), then deterministic=False, each on a
-    fresh engine; with options.repeat > 1 the pair runs that many times, alternating, and each
-    mode reports its fastest run (a busy moment of the machine then hits one run, not the
-    ratio)."""
-    best: dict[bool, RunResult] = {}
-    seconds: dict[bool, list[float]] = {True: [], False: []}
-    lines, data, proofs = [], {}, 0.0
-    for round_ in range(options.repeat):
-        for deterministic in (True, False):
-            engine = Engine(model, dtype=dtype, deterministic=deterministic, **engine_kwargs)
-            label = "rollout" if deterministic else "rollout deterministic=False"
-            run = run_engine(engine, workload, label, options.progress)
-            seconds[deterministic].append(run.seconds)
-            if deterministic and round_ == 0:
-                proofs = engine.runner.kernel_prepare_seconds
+def _engine_round(path: str, workload: Workload, dtype: str, options: BenchOptions,
+                  first: bool, **engine_kwargs) -> tuple[list[RunResult], list[str], dict, float]:
+    """The deterministic engine, then deterministic=False, each on a fresh engine; in the first
+    round also the phase and hardware lines of the deterministic run."""
+    runs, lines, data, proofs = [], [], {}, 0.0
+    for deterministic in (True, False):
+        engine = Engine(path, dtype=dtype, deterministic=deterministic, **engine_kwargs)
+        label = "rollout" if deterministic else "rollout deterministic=False"
+        run = run_engine(engine, workload, label, options.progress)
+        if deterministic:
+            proofs = engine.runner.kernel_prepare_seconds
+            if first:
                 phase_lines, data["phases_s"] = _phase_lines(run)
                 hw_lines, data["hardware"] = _hardware(engine, run, workload)
                 lines += phase_lines + hw_lines
-            if deterministic not in best or run.seconds < best[deterministic].seconds:
-                best[deterministic] = run
-            engine.shutdown()
-            del engine
-            gc.collect()
-    for deterministic, run in best.items():
-        run.extra["runs_s"] = seconds[deterministic]
-    return [best[True], best[False]], lines, data, proofs
+        runs.append(run)
+        engine.shutdown()
+        del engine
+        gc.collect()
+    return runs, lines, data, proofs
 
 
-def _baseline_runs(path: str, workload: Workload, engine_run: RunResult,
-                   options: BenchOptions) -> tuple[list[RunResult], list[str]]:
+def _baseline_round(path: str, workload: Workload, engine_run: RunResult,
+                    options: BenchOptions) -> tuple[list[RunResult], list[str]]:
     """The baselines, on the engine run's dtype and device (vLLM: its KV cache size too)."""
     dtype, device = DTYPES[engine_run.extra["dtype"]], torch.device(engine_run.extra["device"])
     runs, notes = [], []
@@ -172,6 +164,28 @@ def _baseline_runs(path: str, workload: Workload, engine_run: RunResult,
             except RuntimeError as e:
                 notes.append(f"  vllm: failed, skipped: {e}")
     return runs, notes
+
+
+def _rounds(path: str, workload: Workload, dtype: str, options: BenchOptions,
+            **engine_kwargs) -> tuple[list[RunResult], list[str], list[str], dict, float]:
+    """options.repeat rounds of: the engine in both modes, then each baseline. Every system
+    reports its fastest run (a busy moment of the machine then hits one run of one system,
+    not the ratios), with all its runs' seconds in `runs_s`."""
+    best: dict[str, RunResult] = {}
+    seconds: dict[str, list[float]] = {}
+    lines, notes, data, proofs = [], [], {}, 0.0
+    for round_ in range(options.repeat):
+        runs, round_lines, round_data, proofs = _engine_round(
+            path, workload, dtype, options, round_ == 0, **engine_kwargs)
+        lines, data = (round_lines, round_data) if round_ == 0 else (lines, data)
+        baselines, notes = _baseline_round(path, workload, runs[0], options)
+        for run in runs + baselines:
+            seconds.setdefault(run.system, []).append(run.seconds)
+            if run.system not in best or run.seconds < best[run.system].seconds:
+                best[run.system] = run
+    for name, run in best.items():
+        run.extra["runs_s"] = seconds[name]
+    return list(best.values()), notes, lines, data, proofs
 
 
 def _table(dtype: str, runs: list[RunResult]) -> tuple[list[str], dict]:
@@ -208,13 +222,12 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
         options.emit(line)
     details, data = [], {"workload": asdict(workload), "describe": workload.describe()}
     for dt in dtypes:
-        runs, engine_lines, dt_data, proofs = _engine_runs(path, workload, dt, options,
-                                                           **engine_kwargs)
-        baselines, notes = _baseline_runs(path, workload, runs[0], options)
-        table, ratios = _table(dt, runs + baselines)
-        det, fast = runs
+        runs, notes, engine_lines, dt_data, proofs = _rounds(path, workload, dt, options,
+                                                             **engine_kwargs)
+        table, ratios = _table(dt, runs)
+        det, fast = runs[:2]
         cost = fast.total_tokens_per_s / det.total_tokens_per_s - 1
-        best_of = (f"best of {options.repeat} alternating runs each: "
+        best_of = (f"best of {options.repeat} rounds each: "
                    if options.repeat > 1 else "")
         for line in table + notes + [
                 f"  cost of deterministic=True, {dt}: {cost * 100:+.1f}% time ({best_of}"
@@ -222,6 +235,6 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
                 f"; proofs at start {proofs:.1f} s, not timed)"]:
             options.emit(line)
         details += engine_lines
-        data[dt] = {"systems": {r.system: r.to_json() for r in runs + baselines}, **ratios,
+        data[dt] = {"systems": {r.system: r.to_json() for r in runs}, **ratios,
                     "deterministic_cost": cost, "proofs_s": proofs, **dt_data}
     return SuiteResult(details, data)

@@ -110,7 +110,7 @@ class BenchOptions:
     hf_prompts_per_call: int = 4
     progress: bool = True
     vllm_python: str | None = None  # an interpreter with vllm installed; None: this one
-    repeat: int = 1  # engine runs per mode (alternating); each mode reports its fastest
+    repeat: int = 1  # rounds of every system (engine modes, baselines); each keeps its fastest
     emit: Callable[[str], None] = _print
 
     def __post_init__(self):

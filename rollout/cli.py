@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                             "(vLLM's CPU build wants its own transformers: give it its own "
                             "venv); default: this interpreter")
     bench.add_argument("--repeat", type=int, default=o.repeat,
-                       help="run the engine this many times per mode, alternating "
-                            "deterministic=True and False, and report each mode's fastest run")
+                       help="run the workload this many rounds (each: the engine with "
+                            "deterministic=True, then False, then each baseline) and report "
+                            "each system's fastest run")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(func=cmd_bench)
 
