@@ -28,15 +28,12 @@ class Ops:
     # prepare(linears [(weight, splits)], row_lengths, head_dim, split, dtype): decides (and
     # proves, where the backend calls BLAS) every shape before the first step; see `report()`
     prepare: Callable
-    # cache_dtype(model dtype) -> the dtype the KV cache is stored in (values always the model
-    # dtype's: a wider cache holds them exactly)
-    cache_dtype: Callable
 
 
 def _ops_from(module) -> Ops:
     return Ops(module.linear, module.rms_norm, module.silu_and_mul, module.log_softmax,
                module.softmax_parts, module.store_kv, module.decode_attention,
-               module.prefill_attention, module.prepare, module.cache_dtype)
+               module.prefill_attention, module.prepare)
 
 
 BACKENDS = ("auto", "torch", "triton")
@@ -62,8 +59,7 @@ def get_ops(device: torch.device | str, deterministic: bool = True,
     from kernels import fast
     return Ops(fast.linear, fast.rms_norm, fast.silu_and_mul, fast.log_softmax,
                fast.softmax_parts, invariant.store_kv, invariant.decode_attention,
-               invariant.prefill_attention, partial(fast.prepare, invariant),
-               invariant.cache_dtype)
+               invariant.prefill_attention, partial(fast.prepare, invariant))
 
 
 def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "auto"):

@@ -251,14 +251,6 @@ def _combine(pv: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     return acc / l.unsqueeze(-1)
 
 
-def cache_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, whatever the model's dtype: attention here computes in float32, and a bfloat16
-    cache would be converted block by block at every read (a third of a bfloat16 decode's
-    attention time). The stored values are the model dtype's (K and V are rounded to it before
-    they are stored), so the bits are those of a cache in the model's dtype."""
-    return torch.float32
-
-
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write k, v [T, kv_heads, D] into one layer's cache at flat slots (block * S + offset)."""

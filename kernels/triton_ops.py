@@ -172,11 +172,6 @@ log_softmax = partial(composite.log_softmax, row_sum)
 silu, silu_and_mul = composite.silu, composite.silu_and_mul
 
 
-def cache_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The model's: the kernel converts each tile as it loads it."""
-    return dtype
-
-
 def prepare(linears, row_lengths, head_dim: int, split: int,
             dtype: torch.dtype) -> list[invariance.Verdict]:
     """Nothing to prove: every kernel here fixes its own tiles and reduction order. Bitwise

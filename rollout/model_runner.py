@@ -35,10 +35,9 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype(model_config.checkpoint_dtype)
         self.block_size = config.block_size
-        self.ops = get_ops(self.device, config.deterministic, config.kernel_backend)
-        self.kv_dtype = self.ops.cache_dtype(self.dtype)
         if self.device.type == "cpu":
             keep_freed_host_memory()
+        self.ops = get_ops(self.device, config.deterministic, config.kernel_backend)
         self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
         params = list(self.model.parameters())
         shapes = [p.shape for p in params]
@@ -60,13 +59,13 @@ class ModelRunner:
         cfg = model_config
         self._kv_shape = (cfg.num_layers, self.num_blocks, cfg.num_kv_heads)
         half = cfg.num_layers * self.num_blocks * cfg.num_kv_heads * cfg.head_dim * self.block_size
-        self.kv_arena: Arena = make_arena("kv_cache", 2 * half, self.kv_dtype, self.device,
+        self.kv_arena: Arena = make_arena("kv_cache", 2 * half, self.dtype, self.device,
                                           self._bind_kv_cache, zero=True)
 
     @property
     def block_bytes(self) -> int:
         cfg = self.model_config
-        elt = self.kv_dtype.itemsize
+        elt = torch.empty((), dtype=self.dtype).element_size()
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.block_size * elt
 
     def _num_blocks(self, max_model_len: int) -> int:

@@ -1,8 +1,7 @@
 """The CPU attention kernels against the trainer's dense attention, bitwise: decode reads the
 paged cache in runs of nearby blocks (shared prompts, scattered tails, gaps both under and over
 a run's reach, reader counts in different slot classes); prefill meets a chunk's splits in
-batched products. The cache holds the model dtype's values in that dtype, or in float32 (the
-engine's cache on the CPU, `cpu.cache_dtype`)."""
+batched products."""
 
 import pytest
 import torch
@@ -17,21 +16,16 @@ def _rand(*shape, seed, dtype):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-# (model dtype, cache dtype)
-CASES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-         (torch.bfloat16, cpu.cache_dtype(torch.bfloat16))]
-
-
 def _groups():
     """(prompt length, readers, tail lengths): prompts shared by 1, 3 and 8 sequences."""
     return [(40, 1, [9]), (33, 3, [1, 17, 30]), (64, 8, [2, 5, 16, 16, 20, 31, 33, 47])]
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", CASES)
-def test_decode_in_runs_of_scattered_blocks_equals_dense_attention(dtype, cache_dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_in_runs_of_scattered_blocks_equals_dense_attention(dtype):
     num_blocks = 160
-    k_cache = torch.zeros(num_blocks, KV_HEADS, D, SPLIT, dtype=cache_dtype)
-    v_cache = torch.zeros(num_blocks, KV_HEADS, SPLIT, D, dtype=cache_dtype)
+    k_cache = torch.zeros(num_blocks, KV_HEADS, D, SPLIT, dtype=dtype)
+    v_cache = torch.zeros(num_blocks, KV_HEADS, SPLIT, D, dtype=dtype)
     # block ids: some adjacent, some a few apart (inside a run), some far apart (new runs)
     free = [3, 4, 5, 9, 10, 30, 31, 33, 40, 41, 42, 43, 70, 71, 90, 97, 99, 120, 121, 122, 123,
             124, 125, 126, 127, 128, 129, 150, 151, 152, 153, 154, 155, 156, 157, 158, 159,
@@ -73,16 +67,16 @@ def test_decode_in_runs_of_scattered_blocks_equals_dense_attention(dtype, cache_
         assert torch.equal(alone[0], row), i
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", CASES)
-def test_prefill_in_chunks_equals_dense_attention(dtype, cache_dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_in_chunks_equals_dense_attention(dtype):
     length = 150  # several prefill chunks of PREFILL_CHUNK positions, ten splits
     q = _rand(length, HEADS, D, seed=1, dtype=dtype)
     k, v = _rand(length, KV_HEADS, D, seed=2, dtype=dtype), _rand(length, KV_HEADS, D, seed=3,
                                                                   dtype=dtype)
     dense = cpu.causal_attention(q, k, v, SCALE, SPLIT)
     table = torch.tensor([7, 2, 11, 0, 5, 9, 1, 12, 3, 8])
-    k_cache = torch.zeros(13, KV_HEADS, D, SPLIT, dtype=cache_dtype)
-    v_cache = torch.zeros(13, KV_HEADS, SPLIT, D, dtype=cache_dtype)
+    k_cache = torch.zeros(13, KV_HEADS, D, SPLIT, dtype=dtype)
+    v_cache = torch.zeros(13, KV_HEADS, SPLIT, D, dtype=dtype)
     pos = torch.arange(length)
     cpu.store_kv(k, v, k_cache, v_cache, table[pos // SPLIT] * SPLIT + pos % SPLIT)
     for a, b in ((0, length), (0, 70), (70, 71), (71, length)):
