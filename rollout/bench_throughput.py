@@ -175,9 +175,10 @@ def _rounds(path: str, workload: Workload, dtype: str, options: BenchOptions,
     seconds: dict[str, list[float]] = {}
     lines, notes, data, proofs = [], [], {}, 0.0
     for round_ in range(options.repeat):
-        runs, round_lines, round_data, proofs = _engine_round(
+        runs, round_lines, round_data, round_proofs = _engine_round(
             path, workload, dtype, options, round_ == 0, **engine_kwargs)
-        lines, data = (round_lines, round_data) if round_ == 0 else (lines, data)
+        if round_ == 0:  # later rounds find the proofs cached in this process
+            lines, data, proofs = round_lines, round_data, round_proofs
         baselines, notes = _baseline_round(path, workload, runs[0], options)
         for run in runs + baselines:
             seconds.setdefault(run.system, []).append(run.seconds)
