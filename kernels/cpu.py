@@ -245,8 +245,8 @@ def _combine(pv: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     """pv [m, J, ..., D]: p_j @ V_j of each sequence's splits, in split order; the splits a
     sequence does not see hold -0.0, which adds nothing (x + -0.0 is x, bit for bit, zeros of
     both signs included), so each row sums exactly its visible splits, as prefill does."""
-    acc = pv[:, 0] + pv[:, 1] if pv.shape[1] > 1 else pv[:, 0].clone()
-    for j in range(2, pv.shape[1]):
+    acc = pv[:, 0].clone()
+    for j in range(1, pv.shape[1]):
         acc += pv[:, j]
     return acc / l.unsqueeze(-1)
 
@@ -395,6 +395,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         pv = torch.empty(m * splits + 1, kv_heads, g, d)
         _per_block(p.permute(0, 3, 1, 2, 4).reshape(m * splits, kv_heads, g, size), v_cache,
                    runs, pv, "attention p.v")
+        # the unseen pairs' scores were never written: _probs masks them by position; their
+        # p.v products are never made: -0.0 stands in
         pv.index_fill_(0, unseen, -0.0)
         out[lo:hi] = _combine(pv[:-1].view(m, splits, kv_heads, g, d), l)
     return out.reshape(n, h, d).to(q.dtype)
