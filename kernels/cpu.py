@@ -21,7 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from kernels import composite, invariance
+from kernels import composite, invariance, native
 from kernels.composite import tree_sum
 from kernels.invariance import Plan
 
@@ -194,6 +194,10 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
     for n in row_lengths:
         verdicts.append(_mm_decided(_ones_column(n, torch.float32, torch.device("cpu")),
                                     "row_sum")[1])
+    if _native(dtype, head_dim, split) is not None:
+        verdicts.append(invariance.record("attention", f"D={head_dim} S={split}", dtype,
+                                          "owned order per row (kernels/attention.c)", True))
+        return list(dict.fromkeys(verdicts))
     verdicts.append(_bmm_decided(head_dim, split, "attention q.k")[1])
     verdicts.append(_bmm_decided(split, head_dim, "attention p.v")[1])
     verdicts.append(invariance.record("attention softmax sums", f"S={split}", torch.float32,
@@ -217,6 +221,95 @@ ATTENTION_ELEMENTS = 1 << 23  # scores held at once (per chunk of rows or sequen
 PREFILL_CHUNK = 64  # query positions per chunk of a prefill (see _dense_rows_attend)
 REUSED_BLOCK_BYTES = 64 << 20  # float32 K/V blocks of a prefill kept for all its chunks
 SUBNORMAL_EXP = -87.0  # weights of scores this far under the maximum (or further) are 0
+
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes kernels/attention.c reads
+NATIVE_MAX_D, NATIVE_MAX_S = 512, 256  # its MAX_D, MAX_S
+
+
+def _native(dtype: torch.dtype, head_dim: int, size: int):
+    """The fixed-order C kernel where it is built and takes K/V of this dtype and shape, else
+    None (the torch ops below). Decode, prefill and a trainer's scoring decide alike."""
+    fn = native.attention()
+    fits = dtype in NATIVE_DTYPES and head_dim <= NATIVE_MAX_D and size <= NATIVE_MAX_S
+    return fn if fn is not None and fits else None
+
+
+def _native_attend(fn, q: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [rows, H, D] at `positions` [rows], row r's block table tables[r] (or tables, 1-D,
+    for every row), through `kernels/attention.c`. Returns [rows, H, D] in q's dtype."""
+    rows, heads, d = q.shape
+    kv_heads, size = v_cache.shape[1], v_cache.shape[2]
+    if k_cache.stride()[1:] != (d * size, size, 1) or v_cache.stride()[1:] != (size * d, d, 1) \
+            or k_cache.stride(0) != v_cache.stride(0) or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"K/V caches of strides {k_cache.stride()} / {v_cache.stride()} and "
+                         f"dtypes {k_cache.dtype} / {v_cache.dtype}: the kernel reads blocks "
+                         "of dense [kv_heads, D, S] / [kv_heads, S, D] of one dtype")
+    out = torch.empty(rows, heads, d)
+    if rows == 0:
+        return out.to(q.dtype)
+    q_scaled = (q.to(torch.float32) * scale).contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    tables = tables.to(torch.int64).contiguous()
+    stride = tables.shape[1] if tables.dim() == 2 else 0
+    failed = fn(q_scaled.data_ptr(), positions.data_ptr(), tables.data_ptr(), stride,
+                k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+                int(k_cache.dtype == torch.bfloat16), rows, heads, kv_heads, d, size,
+                out.data_ptr(), torch.get_num_threads())
+    if failed:
+        raise MemoryError("attention kernel: out of memory for its scratch or threads")
+    return out.to(q.dtype)
+
+
+def _dense_tiles(k: torch.Tensor, v: torch.Tensor, size: int):
+    """k/v [L, kv_heads, D] of one contiguous sequence as cache blocks in float32 (exact for
+    bfloat16): K [splits, kv_heads, D, S] and V [splits, kv_heads, S, D], zero padded."""
+    length, kv_heads, d = k.shape
+    num_splits = (length + size - 1) // size
+    padded = num_splits * size
+    k = F.pad(k, (0, 0, 0, 0, 0, padded - length)).reshape(num_splits, size, kv_heads, d)
+    v = F.pad(v, (0, 0, 0, 0, 0, padded - length)).reshape(num_splits, size, kv_heads, d)
+    return (k.permute(0, 2, 3, 1).to(torch.float32).contiguous(),
+            v.permute(0, 2, 1, 3).to(torch.float32).contiguous())
+
+
+def _reference_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Plain differentiable causal attention, q [L, H, D], k/v [L, kv_heads, D]: the backward
+    of the native kernel (gradients are correct, not batch invariant, as everywhere)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("lhd,mhd->hlm", q, k) * scale
+    length = q.shape[0]
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return torch.einsum("hlm,mhd->lhd", weights, v)
+
+
+def _native_causal(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   size: int) -> torch.Tensor:
+    k_tiles, v_tiles = _dense_tiles(k, v, size)
+    positions = torch.arange(q.shape[0], device=q.device)
+    table = torch.arange(k_tiles.shape[0], device=q.device)
+    return _native_attend(fn, q, positions, table, k_tiles, v_tiles, scale)
+
+
+class _NativeCausal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, size, fn):
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return _native_causal(fn, q, k, v, scale, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().to(torch.float32).requires_grad_() for t in (q, k, v)]
+            out = _reference_causal(*leaves, ctx.scale)
+            grads = torch.autograd.grad(out, leaves, grad.to(torch.float32))
+        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None, None)
 
 
 def _key_positions(splits: int, size: int, device) -> torch.Tensor:
@@ -380,6 +473,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Every (sequence, split) pair that reads a block is stacked with the others reading it into
     one `rows_bmm` (a row's bits do not depend on how many rows share the call)."""
+    fn = _native(k_cache.dtype, q.shape[2], v_cache.shape[2])
+    if fn is not None:
+        return _native_attend(fn, q, context_lens - 1, block_tables, k_cache, v_cache, scale)
     n, h, d = q.shape
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     g = h // kv_heads
@@ -407,6 +503,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       scale: float) -> torch.Tensor:
     """A run of consecutive queries of one sequence (a prefill chunk). q [L, H, D]; positions [L];
     block_table [num_blocks] covers every key up to the last position. Returns [L, H, D]."""
+    fn = _native(k_cache.dtype, q.shape[2], v_cache.shape[2])
+    if fn is not None:
+        return _native_attend(fn, q, positions, block_table, k_cache, v_cache, scale)
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     num_splits = int(positions[-1].item()) // size + 1
 
@@ -478,17 +577,17 @@ def _dense_rows_attend(q, positions, kv_heads, stacked, num_splits, size, scale)
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      split_size: int) -> torch.Tensor:
     """Causal self-attention of one contiguous sequence, bitwise what the paged kernels give.
-    q [L, H, D], k/v [L, kv_heads, D]. For trainers scoring whole sequences."""
-    length, kv_heads, d = k.shape
-    num_splits = (length + split_size - 1) // split_size
-    padded = num_splits * split_size
-    k = F.pad(k, (0, 0, 0, 0, 0, padded - length)).reshape(num_splits, split_size, kv_heads, d)
-    v = F.pad(v, (0, 0, 0, 0, 0, padded - length)).reshape(num_splits, split_size, kv_heads, d)
-    k_tiles = k.permute(0, 2, 3, 1).to(torch.float32).contiguous()  # [splits, kv_heads, D, S]
-    v_tiles = v.permute(0, 2, 1, 3).to(torch.float32).contiguous()  # [splits, kv_heads, S, D]
+    q [L, H, D], k/v [L, kv_heads, D]. For trainers scoring whole sequences (differentiable)."""
+    fn = _native(k.dtype, k.shape[2], split_size)
+    if fn is not None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _NativeCausal.apply(q, k, v, scale, split_size, fn)
+        return _native_causal(fn, q, k, v, scale, split_size)
+    length, kv_heads, _ = k.shape
+    k_tiles, v_tiles = _dense_tiles(k, v, split_size)
     positions = torch.arange(length, device=q.device)
     return _dense_rows_attend(q, positions, kv_heads, lambda n: (k_tiles[:n], v_tiles[:n]),
-                              num_splits, split_size, scale)
+                              k_tiles.shape[0], split_size, scale)
 
 
 # ---------------------------------------------------------------- composite ops on row_sum

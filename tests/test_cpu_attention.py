@@ -1,15 +1,17 @@
-"""The CPU attention kernels against the trainer's dense attention, bitwise: decode reads the
-paged cache in runs of nearby blocks (shared prompts, scattered tails, gaps both under and over
-a run's reach, reader counts in different slot classes); prefill meets a chunk's splits in
+"""The CPU attention kernels against the trainer's dense attention, bitwise, in both
+implementations (the C kernel and the torch ops of a machine without a compiler): decode reads
+the paged cache in runs of nearby blocks (shared prompts, scattered tails, gaps both under and
+over a run's reach, reader counts in different slot classes); prefill meets a chunk's splits in
 batched products."""
 
 import pytest
 import torch
 
-from kernels import cpu
+from kernels import cpu, native
 
 HEADS, KV_HEADS, D, SPLIT = 4, 2, 32, 16
 SCALE = D ** -0.5
+pytestmark = pytest.mark.usefixtures("cpu_attention")
 
 
 def _rand(*shape, seed, dtype):
@@ -82,3 +84,50 @@ def test_prefill_in_chunks_equals_dense_attention(dtype):
     for a, b in ((0, length), (0, 70), (70, 71), (71, length)):
         part = cpu.prefill_attention(q[a:b], k_cache, v_cache, table, pos[a:b], SCALE)
         assert torch.equal(part, dense[a:b]), (a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_do_not_depend_on_the_thread_count(dtype):
+    length = 100
+    q = _rand(length, HEADS, D, seed=1, dtype=dtype)
+    k, v = _rand(length, KV_HEADS, D, seed=2, dtype=dtype), _rand(length, KV_HEADS, D, seed=3,
+                                                                  dtype=dtype)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(cpu.causal_attention(q, k, v, SCALE, SPLIT))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
+def test_causal_attention_gradients_are_those_of_attention():
+    length = 40
+    q, k, v = (_rand(length, h, D, seed=s, dtype=torch.float32).requires_grad_()
+               for s, h in ((1, HEADS), (2, KV_HEADS), (3, KV_HEADS)))
+    out = cpu.causal_attention(q, k, v, SCALE, SPLIT)
+    weights = _rand(length, HEADS, D, seed=4, dtype=torch.float32)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    reference = cpu._reference_causal(q, k, v, SCALE)
+    assert torch.allclose(out, reference, atol=1e-5)
+    expected = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_without_a_compiler_the_torch_ops_attend(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROLLOUT_CPU_ATTENTION", "native")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("ROLLOUT_KERNEL_CACHE", str(tmp_path / "kernels"))
+    native.attention.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no-such-cc"):
+            assert native.attention() is None
+        monkeypatch.setenv("ROLLOUT_CPU_ATTENTION", "c")
+        native.attention.cache_clear()
+        with pytest.raises(ValueError, match="ROLLOUT_CPU_ATTENTION='c'"):
+            native.attention()
+    finally:
+        native.attention.cache_clear()

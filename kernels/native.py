@@ -1,0 +1,89 @@
+"""The CPU attention kernel of `attention.c`, built with the machine's C compiler on first use
+and loaded with ctypes.
+
+Built once per source, compiler and CPU (-march=native), into ROLLOUT_KERNEL_CACHE (default
+~/.cache/rollout/kernels). Where no compiler is found or the build fails, `attention()` is None
+and the CPU backend attends with torch ops instead (batch invariant too, slower); every path of
+one process (decode, prefill, a trainer's scoring) takes the same one, so their bits agree.
+ROLLOUT_CPU_ATTENTION=torch chooses the torch ops.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("attention.c")
+# -ffp-contract=off: no fused multiply-add, so every float op rounds on its own and vector and
+# scalar code give the same bits; never -ffast-math
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
+         "-std=c11")
+# threads from the process's OpenMP runtime (torch's: the .so finds the libgomp already loaded);
+# a compiler without OpenMP builds a one-thread kernel, with the same bits
+THREADS = ("-fopenmp",)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return "".join(lines)
+
+
+def _cache_dir() -> Path:
+    default = Path.home() / ".cache" / "rollout" / "kernels"
+    return Path(os.environ.get("ROLLOUT_KERNEL_CACHE", default))
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, _cpu_key(),
+                                    " ".join(FLAGS)]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"attention-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        for threads in (THREADS, ()):
+            done = subprocess.run([cc, *FLAGS, *threads, str(SOURCE), "-o", str(built), "-lm"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: concurrent builders each install a whole file
+    return target
+
+
+@cache
+def attention():
+    """The loaded `attend` function, or None (torch ops attend instead; see the module doc)."""
+    choice = os.environ.get("ROLLOUT_CPU_ATTENTION", "native")
+    if choice not in ("native", "torch"):
+        raise ValueError(f"ROLLOUT_CPU_ATTENTION={choice!r}: choose 'native' or 'torch'")
+    cc = _compiler()
+    if choice == "torch" or cc is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(f"CPU attention kernel not built ({err}); attending with torch ops")
+        return None
+    fn = lib.attend
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int, i64, i64, i64, i64, i64,
+                   ptr, i64]
+    fn.restype = ctypes.c_int
+    return fn
