@@ -171,9 +171,16 @@ def _ones_column(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def row_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension: one tiled matmul with a column of ones."""
-    ones = _ones_column(x.shape[-1], x.dtype, x.device)
+    """Sum over the last dimension: float32 in `kernels/native.c`'s order where it is built,
+    otherwise (and for other dtypes) one tiled matmul with a column of ones."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
+    lib = native.library()
+    if lib is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        out = torch.empty(rows.shape[0])
+        lib.row_sum(rows.data_ptr(), rows.shape[0], rows.shape[1], out.data_ptr(),
+                    torch.get_num_threads())
+        return out.reshape(x.shape[:-1])
+    ones = _ones_column(x.shape[-1], x.dtype, x.device)
     return _tiled_mm(rows, ones, mm_plan(ones, "row_sum")).reshape(x.shape[:-1])
 
 
@@ -192,11 +199,15 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
         parts = [w] if splits is None else composite.weight_parts(w, splits)
         verdicts += [_mm_decided(part.t(), "linear")[1] for part in parts]
     for n in row_lengths:
+        if native.library() is not None:
+            verdicts.append(invariance.record("row_sum", f"N={n}", torch.float32,
+                                              "owned order per row (kernels/native.c)", True))
+            continue
         verdicts.append(_mm_decided(_ones_column(n, torch.float32, torch.device("cpu")),
                                     "row_sum")[1])
     if _native(dtype, head_dim, split) is not None:
         verdicts.append(invariance.record("attention", f"D={head_dim} S={split}", dtype,
-                                          "owned order per row (kernels/attention.c)", True))
+                                          "owned order per row (kernels/native.c)", True))
         return list(dict.fromkeys(verdicts))
     verdicts.append(_bmm_decided(head_dim, split, "attention q.k")[1])
     verdicts.append(_bmm_decided(split, head_dim, "attention p.v")[1])
@@ -223,22 +234,22 @@ REUSED_BLOCK_BYTES = 64 << 20  # float32 K/V blocks of a prefill kept for all it
 SUBNORMAL_EXP = -87.0  # weights of scores this far under the maximum (or further) are 0
 
 
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes kernels/attention.c reads
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes kernels/native.c reads
 NATIVE_MAX_D, NATIVE_MAX_S = 512, 256  # its MAX_D, MAX_S
 
 
 def _native(dtype: torch.dtype, head_dim: int, size: int):
     """The fixed-order C kernel where it is built and takes K/V of this dtype and shape, else
     None (the torch ops below). Decode, prefill and a trainer's scoring decide alike."""
-    fn = native.attention()
+    lib = native.library()
     fits = dtype in NATIVE_DTYPES and head_dim <= NATIVE_MAX_D and size <= NATIVE_MAX_S
-    return fn if fn is not None and fits else None
+    return lib.attend if lib is not None and fits else None
 
 
 def _native_attend(fn, q: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """q [rows, H, D] at `positions` [rows], row r's block table tables[r] (or tables, 1-D,
-    for every row), through `kernels/attention.c`. Returns [rows, H, D] in q's dtype."""
+    for every row), through `kernels/native.c`. Returns [rows, H, D] in q's dtype."""
     rows, heads, d = q.shape
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
     if k_cache.stride()[1:] != (d * size, size, 1) or v_cache.stride()[1:] != (size * d, d, 1) \
@@ -348,6 +359,15 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor) -> None:
     """Write k, v [T, kv_heads, D] into one layer's cache at flat slots (block * S + offset)."""
     size = v_cache.shape[2]
+    lib = native.library()
+    if lib is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
+        slots = slot_mapping.to(torch.int64).contiguous()
+        tokens, kv_heads, d = k.shape
+        for src, cache, transposed in ((k, k_cache, 1), (v, v_cache, 0)):
+            src = src.to(cache.dtype).contiguous()
+            lib.store(src.data_ptr(), cache.data_ptr(), slots.data_ptr(), tokens, kv_heads, d,
+                      size, cache.element_size(), transposed)
+        return
     blocks, offsets = slot_mapping // size, slot_mapping % size
     k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
     v_cache[blocks, :, offsets, :] = v.to(v_cache.dtype)

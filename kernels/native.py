@@ -1,11 +1,11 @@
-"""The CPU attention kernel of `attention.c`, built with the machine's C compiler on first use
-and loaded with ctypes.
+"""The CPU kernels of `native.c` (attention, row sums), built with the machine's C compiler on
+first use and loaded with ctypes.
 
 Built once per source, compiler and CPU (-march=native), into ROLLOUT_KERNEL_CACHE (default
-~/.cache/rollout/kernels). Where no compiler is found or the build fails, `attention()` is None
-and the CPU backend attends with torch ops instead (batch invariant too, slower); every path of
-one process (decode, prefill, a trainer's scoring) takes the same one, so their bits agree.
-ROLLOUT_CPU_ATTENTION=torch chooses the torch ops.
+~/.cache/rollout/kernels). Where no compiler is found or the build fails, `library()` is None
+and the CPU backend runs torch ops instead (batch invariant too, slower); every path of one
+process (decode, prefill, a trainer's scoring) takes the same one, so their bits agree.
+ROLLOUT_CPU_KERNELS=torch chooses the torch ops.
 """
 
 import ctypes
@@ -18,7 +18,7 @@ import warnings
 from functools import cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("attention.c")
+SOURCE = Path(__file__).with_name("native.c")
 # -ffp-contract=off: no fused multiply-add, so every float op rounds on its own and vector and
 # scalar code give the same bits; never -ffast-math
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
@@ -50,7 +50,7 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, _cpu_key(),
                                     " ".join(FLAGS)]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"attention-{key}.so"
+    target = _cache_dir() / f"native-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,22 +68,25 @@ def _build(cc: str) -> Path:
 
 
 @cache
-def attention():
-    """The loaded `attend` function, or None (torch ops attend instead; see the module doc)."""
-    choice = os.environ.get("ROLLOUT_CPU_ATTENTION", "native")
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (torch ops run instead; see the module doc)."""
+    choice = os.environ.get("ROLLOUT_CPU_KERNELS", "native")
     if choice not in ("native", "torch"):
-        raise ValueError(f"ROLLOUT_CPU_ATTENTION={choice!r}: choose 'native' or 'torch'")
+        raise ValueError(f"ROLLOUT_CPU_KERNELS={choice!r}: choose 'native' or 'torch'")
     cc = _compiler()
     if choice == "torch" or cc is None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"CPU attention kernel not built ({err}); attending with torch ops")
+        warnings.warn(f"CPU kernels not built ({err}); running torch ops instead")
         return None
-    fn = lib.attend
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int, i64, i64, i64, i64, i64,
-                   ptr, i64]
-    fn.restype = ctypes.c_int
-    return fn
+    lib.attend.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int, i64, i64, i64, i64,
+                           i64, ptr, i64]
+    lib.attend.restype = ctypes.c_int
+    lib.row_sum.argtypes = [ptr, i64, i64, ptr, i64]
+    lib.row_sum.restype = None
+    lib.store.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64]
+    lib.store.restype = None
+    return lib

@@ -46,17 +46,17 @@ def qwen3_path(checkpoints):
 
 
 @pytest.fixture(params=["native", "torch"])
-def cpu_attention(request, monkeypatch):
-    """Each CPU attention implementation in turn: the C kernel (kernels/attention.c) and the
+def cpu_kernels(request, monkeypatch):
+    """Each CPU kernel implementation in turn: the C kernels (kernels/native.c) and the
     torch ops a machine without a C compiler runs (chosen as a user would, by environment)."""
     from kernels import native
-    monkeypatch.setenv("ROLLOUT_CPU_ATTENTION", request.param)
-    native.attention.cache_clear()
-    if request.param == "native" and native.attention() is None:
-        pytest.fail("the C attention kernel did not build on this machine")
+    monkeypatch.setenv("ROLLOUT_CPU_KERNELS", request.param)
+    native.library.cache_clear()
+    if request.param == "native" and native.library() is None:
+        pytest.fail("the C kernels did not build on this machine")
     yield request.param
     monkeypatch.undo()
-    native.attention.cache_clear()
+    native.library.cache_clear()
 
 
 REPORT = pytest.StashKey[list]()

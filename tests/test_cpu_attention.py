@@ -11,7 +11,7 @@ from kernels import cpu, native
 
 HEADS, KV_HEADS, D, SPLIT = 4, 2, 32, 16
 SCALE = D ** -0.5
-pytestmark = pytest.mark.usefixtures("cpu_attention")
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _rand(*shape, seed, dtype):
@@ -118,16 +118,26 @@ def test_causal_attention_gradients_are_those_of_attention():
 
 
 def test_without_a_compiler_the_torch_ops_attend(monkeypatch, tmp_path):
-    monkeypatch.setenv("ROLLOUT_CPU_ATTENTION", "native")
+    monkeypatch.setenv("ROLLOUT_CPU_KERNELS", "native")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("ROLLOUT_KERNEL_CACHE", str(tmp_path / "kernels"))
-    native.attention.cache_clear()
+    native.library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no-such-cc"):
-            assert native.attention() is None
-        monkeypatch.setenv("ROLLOUT_CPU_ATTENTION", "c")
-        native.attention.cache_clear()
-        with pytest.raises(ValueError, match="ROLLOUT_CPU_ATTENTION='c'"):
-            native.attention()
+            assert native.library() is None
+        monkeypatch.setenv("ROLLOUT_CPU_KERNELS", "c")
+        native.library.cache_clear()
+        with pytest.raises(ValueError, match="ROLLOUT_CPU_KERNELS='c'"):
+            native.library()
     finally:
-        native.attention.cache_clear()
+        native.library.cache_clear()
+
+
+@pytest.mark.parametrize("width", [1, 7, 64, 100, 1024, 5000])
+def test_a_row_sum_does_not_depend_on_the_other_rows(width):
+    x = _rand(300, width, seed=width, dtype=torch.float32) * 100
+    batch = cpu.row_sum(x)
+    for i in (0, 1, 150, 299):
+        assert torch.equal(cpu.row_sum(x[i:i + 1].clone())[0], batch[i]), i
+    error = (batch.double() - x.double().sum(-1)).abs()
+    assert (error <= 1e-6 * x.double().abs().sum(-1)).all()  # within float32's rounding

@@ -1,4 +1,4 @@
-/* Paged causal attention for the CPU, one fixed order of arithmetic per query row.
+/* CPU kernels with one fixed order of arithmetic per row: paged causal attention, row sums.
  *
  * A row (one query position of one head) is computed by one call of `row_group` from its query,
  * its position and the keys and values it sees, and nothing else: no other row, thread count,
@@ -262,4 +262,47 @@ int attend(const float *q, const int64_t *pos, const int64_t *tables, int64_t ta
     for (int64_t t = 0; t < threads; t++)
         failed |= run_items(&a, bounds[t], bounds[t + 1], bf16) != 0;
     return failed ? -1 : 0;
+}
+
+/* out[r] = the sum of x[r][0..n), x contiguous float32 [rows][n]: lane t (of 4 * LANES) adds
+ * x[r][t], x[r][t + 4 * LANES], ... in order, then the lanes are added pairwise. */
+static float one_row_sum(const float *x, int64_t n) {
+    enum { WIDE = 4 * LANES };
+    vf acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t i = 0;
+    for (; i + WIDE <= n; i += WIDE)
+        for (int v = 0; v < 4; v++) acc[v] = acc[v] + loadv_f32(x + i + v * LANES);
+    float lanes[WIDE];
+    for (int v = 0; v < 4; v++) storev(lanes + v * LANES, acc[v]);
+    for (int64_t t = 0; i + t < n; t++) lanes[t] = lanes[t] + x[i + t];
+    for (int width = WIDE / 2; width >= 1; width /= 2)
+        for (int t = 0; t < width; t++) lanes[t] = lanes[t] + lanes[t + width];
+    return lanes[0];
+}
+
+void row_sum(const float *x, int64_t rows, int64_t n, float *out, int64_t threads) {
+    if (threads < 1 || rows * n < (1 << 16)) threads = 1;  /* small: not worth a thread */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) out[r] = one_row_sum(x + r * n, n);
+}
+
+/* Each token's [kv_heads][d] values (contiguous, the cache's element size) into the cache at
+ * slot = block * s + offset: K transposed ([block][kv_heads][d][s]) or V ([block][kv_heads][s][d]). */
+void store(const void *src, void *cache, const int64_t *slots, int64_t tokens, int64_t kv_heads,
+           int64_t d, int64_t s, int64_t size, int64_t transposed) {
+    const char *in = src;
+    char *base = cache;
+    for (int64_t t = 0; t < tokens; t++) {
+        const int64_t block = slots[t] / s, offset = slots[t] % s;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const char *from = in + (t * kv_heads + h) * d * size;
+            char *head = base + ((block * kv_heads + h) * d * s) * size;
+            if (transposed) {
+                for (int64_t i = 0; i < d; i++)
+                    memcpy(head + (i * s + offset) * size, from + i * size, size);
+            } else {
+                memcpy(head + offset * d * size, from, d * size);
+            }
+        }
+    }
 }
