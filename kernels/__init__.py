@@ -69,6 +69,16 @@ def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "a
     return BatchInvariantMode(split_size, backend)
 
 
+def forget_packed_weights() -> None:
+    """Weights were written or rebound: the CPU backend drops its packed copies of them (made
+    again on their next use). The engine calls this; anyone writing its weights another way
+    must too."""
+    import sys
+    cpu = sys.modules.get("kernels.cpu")
+    if cpu is not None:
+        cpu.forget_packed()
+
+
 def report():
     """What each op shape decided in this process runs, and whether its batch invariance is
     guaranteed on this machine (`kernels.invariance.Verdict` rows)."""
@@ -86,4 +96,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Ops", "get_ops", "report", "backend_module", "batch_invariant_mode", "DEFAULT_SPLIT_SIZE",
-           "HF_ATTENTION"]
+           "HF_ATTENTION", "forget_packed_weights"]

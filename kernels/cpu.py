@@ -52,6 +52,54 @@ def blas_bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) 
     return torch.bmm(a, b, out=out)
 
 
+# The engine's own weights: oneDNN's linear on a copy of the weight reordered once into its
+# blocked layout ("packed") skips the per-call reorder (15-40% faster at decode's few rows).
+# Used only where the proof saw it give the plain call's bits on every tile (a trainer calls
+# the plain one); copies are dropped whenever the weights are written or rebound.
+_packed: dict[tuple, torch.Tensor] = {}
+
+
+def _packable(w_t: torch.Tensor) -> bool:
+    return (w_t.device.type == "cpu" and w_t.dtype in (torch.float32, torch.bfloat16)
+            and w_t.shape[1] >= DNN_MIN_COLUMNS and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _pack(w_t: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w_t.t(), None)
+
+
+def packed_mm(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """a [T, K] @ the packed weight: the packed twin of `blas_mm`."""
+    return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
+
+def _packed_weight(w_t: torch.Tensor) -> torch.Tensor:
+    key = (w_t.data_ptr(), tuple(w_t.shape), w_t.stride(), w_t.dtype)
+    if key not in _packed:
+        _packed[key] = _pack(w_t)
+    return _packed[key]
+
+
+def forget_packed() -> None:
+    """Drop every packed weight copy (the engine calls this when its weights change)."""
+    _packed.clear()
+
+
+def _packed_twin(w_t: torch.Tensor):
+    """The packed call for the proof of w_t's shape (the probe operand packed once)."""
+    if not _packable(w_t):
+        return None
+    packs: dict[int, torch.Tensor] = {}
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if b.data_ptr() not in packs:
+            packs.clear()
+            packs[b.data_ptr()] = _pack(b)
+        return packed_mm(a[0], packs[b.data_ptr()]).unsqueeze(0)
+    return product
+
+
 def owned_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [..., M, K] @ b [..., K, N] in an order of our own: float32 products added in order of
     k, each step a separate elementwise multiply and add (exactly rounded, so no vector or scalar
@@ -67,6 +115,7 @@ def reset() -> None:
     """Forget every plan and verdict (for tests that swap the BLAS calls)."""
     _plans.clear()
     _ones.clear()
+    _packed.clear()
     invariance.reset()
 
 
@@ -90,8 +139,8 @@ def _mm_one(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
 def _mm_decided(w_t: torch.Tensor, op: str) -> tuple[Plan, invariance.Verdict]:
     key = (tuple(w_t.shape), w_t.stride(), w_t.dtype, w_t.data_ptr() % 64,
            torch.get_num_threads())
-    return _decided(key, lambda: invariance.prove_tiles(_mm_one, w_t), op,
-                    _shape_label(*w_t.shape), w_t.dtype)
+    return _decided(key, lambda: invariance.prove_tiles(_mm_one, w_t, twin=_packed_twin(w_t)),
+                    op, _shape_label(*w_t.shape), w_t.dtype)
 
 
 def mm_plan(w_t: torch.Tensor, op: str = "matmul") -> Plan:
@@ -116,8 +165,10 @@ def bmm_plan(k: int, n: int, op: str) -> Plan:
     return _bmm_decided(k, n, op)[0]
 
 
-def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """x [M, K] @ w_t [K, N] in the plan's row tiles (or in our own order)."""
+def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, plan: Plan,
+              packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w_t [K, N] in the plan's row tiles (or in our own order); through w_t's
+    packed copy where given (plan.twin: the same bits)."""
     if not plan.blas:
         return owned_mm(x, w_t)
     outs = []
@@ -125,7 +176,8 @@ def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, plan: Plan) -> torch.Tensor:
         part = x[start:start + tile]
         if rows < tile:  # the last tile, padded with zero rows
             part = F.pad(part, (0, 0, 0, tile - rows))
-        outs.append(blas_mm(part, w_t)[:rows])
+        out = blas_mm(part, w_t) if packed is None else packed_mm(part, packed)
+        outs.append(out[:rows])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -187,6 +239,14 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
 def matmul(x: torch.Tensor, w_t: torch.Tensor, op: str = "matmul") -> torch.Tensor:
     """x [M, K] @ w_t [K, N]; each output row depends only on its input row."""
     return _tiled_mm(x.contiguous(), w_t, mm_plan(w_t, op))
+
+
+def weight_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """`matmul` for the engine's own weights (fixed until `forget_packed`): through a packed
+    copy of w_t where its plan proved the packed call gives the same bits."""
+    plan = mm_plan(w_t, "linear")
+    packed = _packed_weight(w_t) if plan.twin else None
+    return _tiled_mm(x.contiguous(), w_t, plan, packed)
 
 
 def prepare(linears, row_lengths, head_dim: int, split: int,
@@ -611,7 +671,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 # ---------------------------------------------------------------- composite ops on row_sum
-linear = partial(composite.linear, partial(matmul, op="linear"))
+linear = partial(composite.linear, weight_matmul)
 mean_last = partial(composite.mean_last, row_sum)
 rms_norm = partial(composite.rms_norm, row_sum)
 softmax_parts = partial(composite.softmax_parts, row_sum)

@@ -49,6 +49,7 @@ class Plan:
     the cut the measured costs say is fastest."""
     tiles: tuple[int, ...]
     costs: tuple[float, ...] = ()
+    twin: bool = False  # a second call (`prove_tiles`'s twin) gives every tile the same bits
     _best: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -98,9 +99,10 @@ class Plan:
     def describe(self) -> str:
         if not self.blas:
             return "owned reduction order (no BLAS tile proved invariant)"
+        twin = " (packed weights: the same bits)" if self.twin else ""
         if len(self.tiles) <= 8:
-            return f"BLAS, row tiles {','.join(map(str, self.tiles))}"
-        return f"BLAS, {len(self.tiles)} row tiles {self.tiles[0]}..{self.tiles[-1]}"
+            return f"BLAS, row tiles {','.join(map(str, self.tiles))}{twin}"
+        return f"BLAS, {len(self.tiles)} row tiles {self.tiles[0]}..{self.tiles[-1]}{twin}"
 
 
 @dataclass(frozen=True)
@@ -209,10 +211,12 @@ def _candidates(like: torch.Tensor) -> tuple[int, ...]:
 
 
 def prove_tiles(product: Product, like: torch.Tensor,
-                candidates: tuple[int, ...] | None = None) -> Plan:
+                candidates: tuple[int, ...] | None = None, twin: Product | None = None) -> Plan:
     """The class of row tiles proven invariant for `product` against an operand like `like`
     ([K, N], or [B, K, N] for a batched call), the class holding the largest passing tile (see
-    the module docstring); an empty plan when no candidate passes."""
+    the module docstring); an empty plan when no candidate passes. `twin`: another call of the
+    same product (a single-matrix operand), checked to give every tile of the class the same
+    bits as `product` on the probe (the plan's `twin`)."""
     candidates = candidates or _candidates(like)
     gen = torch.Generator().manual_seed(0)
     batched = like.dim() == 3
@@ -236,6 +240,7 @@ def prove_tiles(product: Product, like: torch.Tensor,
     counts = BATCH_COUNTS if batched else ()
     classes: dict[bytes, list[int]] = {}
     cost: dict[int, float] = {}
+    agrees: dict[int, bool] = {}
     for t in candidates:
         a = probe[:, :t].contiguous()
         times.clear()
@@ -243,13 +248,14 @@ def prove_tiles(product: Product, like: torch.Tensor,
         if not _tile_holds(run, a, full, counts):
             continue
         cost[t] = _cost(run, a, b, times[:2])
+        agrees[t] = twin is not None and torch.equal(twin(a, operand), full)
         signature = _signature(run, rows, t)
         if torch.equal(signature[0], full[0, 0]):  # the first row alone (or among others)
             classes.setdefault(signature.float().numpy().tobytes(), []).append(t)
     if not classes:
         return Plan(())
     tiles = tuple(max(classes.values(), key=lambda ts: (max(ts), len(ts))))
-    return Plan(tiles, tuple(cost[t] for t in tiles))
+    return Plan(tiles, tuple(cost[t] for t in tiles), all(agrees[t] for t in tiles))
 
 
 def record(op: str, shape: str, dtype: torch.dtype | str, method: str,

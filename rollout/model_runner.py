@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from kernels import get_ops
+from kernels import forget_packed_weights, get_ops
 from rollout.config import EngineConfig, ModelConfig
 from rollout.context import ForwardContext, PrefillSegment, forward_context
 from rollout.loader import build_model
@@ -217,5 +217,6 @@ def _bind_parameters(params: list[torch.nn.Parameter], shapes: list[torch.Size],
                      offsets: list[int], buffer: torch.Tensor) -> None:
     """Make every parameter a view of `buffer` (the same Parameter objects, new storage); an
     empty buffer leaves them empty (released)."""
+    forget_packed_weights()  # copies of the old storage
     for p, shape, offset in zip(params, shapes, offsets):
         p.data = buffer if buffer.numel() == 0 else buffer[offset:offset + shape.numel()].view(shape)

@@ -12,6 +12,7 @@ from numbers import Integral
 
 import torch
 
+from kernels import forget_packed_weights
 from rollout.models import WeightTarget
 from weight_sync.buckets import TensorMeta, dtype_from_name
 
@@ -106,6 +107,7 @@ class WeightStore:
         txn = self.txn
         if txn is None:
             raise RuntimeError("load outside an update: begin one first")
+        forget_packed_weights()  # copies of the old bytes
         for name, tensor in named_tensors:
             if name not in txn.names:
                 raise ValueError(f"{name!r} is not in this update's manifest")
