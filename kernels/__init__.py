@@ -5,7 +5,7 @@ Triton kernels on CUDA when deterministic, plain torch (fastest, batch dependent
 Nothing here imports the engine.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -52,10 +52,14 @@ def backend_module(device: torch.device | str, backend: str = "auto"):
 
 
 def get_ops(device: torch.device | str, deterministic: bool = True,
-            backend: str = "auto") -> Ops:
+            backend: str = "auto", packed_weights: bool = True) -> Ops:
+    """`packed_weights=False`: the CPU backend's linears call the plain weights (no packed
+    copies: half the host memory for weights, slower at few rows; the same bits)."""
     invariant = backend_module(device, backend)
     if deterministic:
-        return _ops_from(invariant)
+        ops = _ops_from(invariant)
+        plain = getattr(invariant, "plain_linear", None)
+        return ops if packed_weights or plain is None else replace(ops, linear=plain)
     from kernels import fast
     return Ops(fast.linear, fast.rms_norm, fast.silu_and_mul, fast.log_softmax,
                fast.softmax_parts, invariant.store_kv, invariant.decode_attention,

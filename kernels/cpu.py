@@ -672,6 +672,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 # ---------------------------------------------------------------- composite ops on row_sum
 linear = partial(composite.linear, weight_matmul)
+plain_linear = partial(composite.linear, partial(matmul, op="linear"))
 mean_last = partial(composite.mean_last, row_sum)
 rms_norm = partial(composite.rms_norm, row_sum)
 softmax_parts = partial(composite.softmax_parts, row_sum)

@@ -17,10 +17,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the model's)")
+    p.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
+                   help="CPU: linears on the plain weights (half the weight memory, slower)")
 
 
 def _engine_kwargs(args) -> dict:
     kwargs = {"dtype": args.dtype}
+    if not args.packed_weights:
+        kwargs["packed_weights"] = False
     if args.device:
         kwargs["device"] = args.device
     for name in ("max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks", "max_num_seqs",

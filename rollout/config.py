@@ -138,6 +138,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     deterministic: bool = True
     kernel_backend: str = "auto"
+    # CPU: linears through a packed copy of each weight (faster at decode's few rows, the same
+    # bits; the weights take twice their size in host memory while the engine runs)
+    packed_weights: bool = True
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -37,7 +37,8 @@ class ModelRunner:
         self.block_size = config.block_size
         if self.device.type == "cpu":
             keep_freed_host_memory()
-        self.ops = get_ops(self.device, config.deterministic, config.kernel_backend)
+        self.ops = get_ops(self.device, config.deterministic, config.kernel_backend,
+                           config.packed_weights)
         self.model = build_model(model_config, self.ops, self.device, self.dtype, max_model_len)
         params = list(self.model.parameters())
         shapes = [p.shape for p in params]

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from kernels import native
 from rollout.bench_workload import Workload
 from tests.test_invariance import FORWARD_OPS
 
@@ -47,7 +48,9 @@ def test_generate_reports_bad_input_without_a_traceback(qwen3_path):
 def test_doctor_prints_what_runs_and_whether_invariance_is_guaranteed(qwen3_path):
     done = run_cli("doctor", "--model", str(qwen3_path))
     assert done.returncode == 0, done.stderr
-    ops = FORWARD_OPS["cuda" if torch.cuda.is_available() else "cpu"]  # the default device
+    # the default device, and on the CPU the kernels this environment builds
+    kind = "native" if torch.cuda.is_available() or native.library() is not None else "torch"
+    ops = FORWARD_OPS["cuda" if torch.cuda.is_available() else "cpu", kind]
     for op in ops:
         assert f"\n{op} " in done.stdout
     assert "batch invariance: GUARANTEED on this machine" in done.stdout

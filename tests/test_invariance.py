@@ -140,3 +140,17 @@ def test_the_report_names_every_op_the_forward_runs(qwen3_path, device, cpu_kern
     fast = Engine(str(qwen3_path), device=device, num_kv_blocks=16,
                   deterministic=False).determinism_report()
     assert not fast.guaranteed and "NOT GUARANTEED (deterministic=False)" in fast.format()
+
+
+def test_packed_weight_copies_give_the_plain_weights_bits(qwen3_path):
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, n=3)
+    prompts = [[(i * 31 + j) % 512 for j in range(5 + 9 * i)] for i in range(4)]
+    runs = []
+    for packed in (True, False):
+        cpu.forget_packed()
+        engine = Engine(str(qwen3_path), device="cpu", num_kv_blocks=64, packed_weights=packed)
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        assert bool(cpu._packed) == packed  # the default engine really ran the packed copies
+        runs.append([(c.token_ids, torch.tensor(c.logprobs).numpy().tobytes())
+                     for o in outs for c in o.outputs])
+    assert runs[0] == runs[1]
