@@ -210,7 +210,8 @@ SHAPE(256, 16) SHAPE(256, 32) SHAPE(256, 64)
 
 static void row_group(const Args *a, int64_t r, int64_t h, int bf16, float *sc, float *lanes,
                       float *acc) {
-#define CASE(D, S) if (a->d == D && a->s == S) return row_group_##D##_##S(a, r, h, bf16, sc, lanes, acc);
+#define CASE(D, S) \
+    if (a->d == D && a->s == S) return row_group_##D##_##S(a, r, h, bf16, sc, lanes, acc);
     CASE(64, 16) CASE(64, 32) CASE(64, 64) CASE(128, 16) CASE(128, 32) CASE(128, 64)
     CASE(256, 16) CASE(256, 32) CASE(256, 64)
 #undef CASE
@@ -287,7 +288,8 @@ void row_sum(const float *x, int64_t rows, int64_t n, float *out, int64_t thread
 }
 
 /* Each token's [kv_heads][d] values (contiguous, the cache's element size) into the cache at
- * slot = block * s + offset: K transposed ([block][kv_heads][d][s]) or V ([block][kv_heads][s][d]). */
+ * slot = block * s + offset: K transposed ([block][kv_heads][d][s]) or V
+ * ([block][kv_heads][s][d]). */
 void store(const void *src, void *cache, const int64_t *slots, int64_t tokens, int64_t kv_heads,
            int64_t d, int64_t s, int64_t size, int64_t transposed) {
     const char *in = src;
