@@ -3,6 +3,7 @@
 All tensors of a step are built here, in `prepare`."""
 
 import time
+import weakref
 
 import torch
 
@@ -54,6 +55,8 @@ class ModelRunner:
         self.kernel_verdicts = tuple(self.model.prepare_kernels(self.block_size, self.dtype))
         self.kernel_prepare_seconds = time.perf_counter() - start
         self.sampler = Sampler(self.ops.softmax_parts)
+        # the packed weight copies (CPU) outlive no engine: dropped when this runner goes
+        weakref.finalize(self, forget_packed_weights)
         self.timer = PhaseTimer(self.device)
         self.num_blocks = self._num_blocks(max_model_len)
         self.k_cache = self.v_cache = None

@@ -2,6 +2,7 @@
 machine, a BLAS whose row bits depend on the row's position is caught, and the op then falls back
 to an order of our own that keeps every output bitwise invariant."""
 
+import gc
 import random
 
 import pytest
@@ -154,3 +155,12 @@ def test_packed_weight_copies_give_the_plain_weights_bits(qwen3_path):
         runs.append([(c.token_ids, torch.tensor(c.logprobs).numpy().tobytes())
                      for o in outs for c in o.outputs])
     assert runs[0] == runs[1]
+
+
+def test_packed_weight_copies_go_with_their_engine(qwen3_path):
+    engine = Engine(str(qwen3_path), device="cpu", num_kv_blocks=16)
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert cpu._packed
+    del engine
+    gc.collect()
+    assert not cpu._packed
