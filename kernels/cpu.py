@@ -333,6 +333,25 @@ def _native_attend(fn, q: torch.Tensor, positions: torch.Tensor, tables: torch.T
     return out.to(q.dtype)
 
 
+def _check_reads(positions: torch.Tensor, tables: torch.Tensor, rows: int, heads: int,
+                 kv_heads: int, size: int, num_blocks: int) -> None:
+    """The C kernel reads where positions and block tables point: refuse what points outside
+    the cache (an error naming it, where a raw read would crash the process)."""
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} KV heads")
+    if positions.shape != (rows,) or (tables.dim() == 2 and tables.shape[0] != rows):
+        raise ValueError(f"positions {tuple(positions.shape)} and block tables "
+                         f"{tuple(tables.shape)} do not match {rows} query rows")
+    low, high = torch.aminmax(positions)
+    if low < 0 or int(high) // size >= tables.shape[-1]:
+        raise ValueError(f"positions {int(low)}..{int(high)} need {int(high) // size + 1} "
+                         f"blocks; the block tables hold {tables.shape[-1]}")
+    first, last = torch.aminmax(tables)
+    if first < 0 or last >= num_blocks:
+        raise ValueError(f"block ids {int(first)}..{int(last)} outside the cache's "
+                         f"{num_blocks} blocks")
+
+
 def _dense_tiles(k: torch.Tensor, v: torch.Tensor, size: int):
     """k/v [L, kv_heads, D] of one contiguous sequence as cache blocks in float32 (exact for
     bfloat16): K [splits, kv_heads, D, S] and V [splits, kv_heads, S, D], zero padded."""
@@ -419,10 +438,16 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor) -> None:
     """Write k, v [T, kv_heads, D] into one layer's cache at flat slots (block * S + offset)."""
     size = v_cache.shape[2]
+    tokens, kv_heads, d = k.shape
+    if slot_mapping.shape != (tokens,) or tuple(v.shape) != (tokens, kv_heads, d):
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and slots "
+                         f"{tuple(slot_mapping.shape)} do not match")
+    if tokens and (slot_mapping.min() < 0 or slot_mapping.max() >= k_cache.shape[0] * size):
+        raise ValueError(f"slots {int(slot_mapping.min())}..{int(slot_mapping.max())} outside "
+                         f"the cache's {k_cache.shape[0] * size}")
     lib = native.library()
     if lib is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
         slots = slot_mapping.to(torch.int64).contiguous()
-        tokens, kv_heads, d = k.shape
         for src, cache, transposed in ((k, k_cache, 1), (v, v_cache, 0)):
             src = src.to(cache.dtype).contiguous()
             lib.store(src.data_ptr(), cache.data_ptr(), slots.data_ptr(), tokens, kv_heads, d,
@@ -553,6 +578,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Every (sequence, split) pair that reads a block is stacked with the others reading it into
     one `rows_bmm` (a row's bits do not depend on how many rows share the call)."""
+    _check_reads(context_lens - 1, block_tables, q.shape[0], q.shape[1], v_cache.shape[1],
+                 v_cache.shape[2], k_cache.shape[0])
     fn = _native(k_cache.dtype, q.shape[2], v_cache.shape[2])
     if fn is not None:
         return _native_attend(fn, q, context_lens - 1, block_tables, k_cache, v_cache, scale)
@@ -583,6 +610,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       scale: float) -> torch.Tensor:
     """A run of consecutive queries of one sequence (a prefill chunk). q [L, H, D]; positions [L];
     block_table [num_blocks] covers every key up to the last position. Returns [L, H, D]."""
+    _check_reads(positions, block_table, q.shape[0], q.shape[1], v_cache.shape[1],
+                 v_cache.shape[2], k_cache.shape[0])
     fn = _native(k_cache.dtype, q.shape[2], v_cache.shape[2])
     if fn is not None:
         return _native_attend(fn, q, positions, block_table, k_cache, v_cache, scale)

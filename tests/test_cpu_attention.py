@@ -141,3 +141,20 @@ def test_a_row_sum_does_not_depend_on_the_other_rows(width):
         assert torch.equal(cpu.row_sum(x[i:i + 1].clone())[0], batch[i]), i
     error = (batch.double() - x.double().sum(-1)).abs()
     assert (error <= 1e-6 * x.double().abs().sum(-1)).all()  # within float32's rounding
+
+
+def test_reads_outside_the_cache_are_refused_with_the_bad_values():
+    k_cache = torch.zeros(4, KV_HEADS, D, SPLIT)
+    v_cache = torch.zeros(4, KV_HEADS, SPLIT, D)
+    q = _rand(1, HEADS, D, seed=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="block ids 0..9 outside the cache's 4 blocks"):
+        cpu.decode_attention(q, k_cache, v_cache, torch.tensor([[0, 9]]), torch.tensor([20]),
+                             SCALE)
+    with pytest.raises(ValueError, match="positions 39..39 need 3 blocks; the block tables hold 1"):
+        cpu.decode_attention(q, k_cache, v_cache, torch.tensor([[0]]), torch.tensor([40]), SCALE)
+    with pytest.raises(ValueError, match="positions 0..39 need 3 blocks"):
+        cpu.prefill_attention(_rand(40, HEADS, D, seed=3, dtype=torch.float32), k_cache,
+                              v_cache, torch.tensor([0, 1]), torch.arange(40), SCALE)
+    k = _rand(1, KV_HEADS, D, seed=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="slots 64..64 outside the cache's 64"):
+        cpu.store_kv(k, k, k_cache, v_cache, torch.tensor([64]))
