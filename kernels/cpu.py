@@ -333,10 +333,25 @@ def _native_attend(fn, q: torch.Tensor, positions: torch.Tensor, tables: torch.T
     return out.to(q.dtype)
 
 
-def _check_reads(positions: torch.Tensor, tables: torch.Tensor, rows: int, heads: int,
+_last_checked: list = [None]  # (weakrefs to the positions' source and tables, their
+# versions and the sizes) of the last reads checked
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place writes bump it; inference tensors (the engine's, made anew each step) have none."""
+    return -1 if t.is_inference() else t._version
+
+
+def _check_reads(source: torch.Tensor, shift: int, tables: torch.Tensor, rows: int, heads: int,
                  kv_heads: int, size: int, num_blocks: int) -> None:
-    """The C kernel reads where positions and block tables point: refuse what points outside
-    the cache (an error naming it, where a raw read would crash the process)."""
+    """The C kernel reads where positions (source - shift) and block tables point: refuse what
+    points outside the cache (an error naming it, where a raw read would crash the process).
+    Once per step: every layer passes the same tensors."""
+    key = (_version(source), _version(tables), shift, rows, heads, kv_heads, size, num_blocks)
+    last = _last_checked[0]
+    if last is not None and last[0]() is source and last[1]() is tables and last[2] == key:
+        return
+    positions = source - shift
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not group over {kv_heads} KV heads")
     if positions.shape != (rows,) or (tables.dim() == 2 and tables.shape[0] != rows):
@@ -350,6 +365,7 @@ def _check_reads(positions: torch.Tensor, tables: torch.Tensor, rows: int, heads
     if first < 0 or last >= num_blocks:
         raise ValueError(f"block ids {int(first)}..{int(last)} outside the cache's "
                          f"{num_blocks} blocks")
+    _last_checked[0] = (weakref.ref(source), weakref.ref(tables), key)
 
 
 def _dense_tiles(k: torch.Tensor, v: torch.Tensor, size: int):
@@ -578,7 +594,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Every (sequence, split) pair that reads a block is stacked with the others reading it into
     one `rows_bmm` (a row's bits do not depend on how many rows share the call)."""
-    _check_reads(context_lens - 1, block_tables, q.shape[0], q.shape[1], v_cache.shape[1],
+    _check_reads(context_lens, 1, block_tables, q.shape[0], q.shape[1], v_cache.shape[1],
                  v_cache.shape[2], k_cache.shape[0])
     fn = _native(k_cache.dtype, q.shape[2], v_cache.shape[2])
     if fn is not None:
@@ -610,7 +626,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       scale: float) -> torch.Tensor:
     """A run of consecutive queries of one sequence (a prefill chunk). q [L, H, D]; positions [L];
     block_table [num_blocks] covers every key up to the last position. Returns [L, H, D]."""
-    _check_reads(positions, block_table, q.shape[0], q.shape[1], v_cache.shape[1],
+    _check_reads(positions, 0, block_table, q.shape[0], q.shape[1], v_cache.shape[1],
                  v_cache.shape[2], k_cache.shape[0])
     fn = _native(k_cache.dtype, q.shape[2], v_cache.shape[2])
     if fn is not None:

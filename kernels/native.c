@@ -15,7 +15,6 @@
  * K blocks are stored transposed ([kv_heads][D][S] per block), V blocks as [kv_heads][S][D];
  * float32 or bfloat16 (widened exactly on load).
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +28,7 @@ typedef struct {
     int64_t table_stride;
     const void *k_cache, *v_cache;
     int64_t block_stride;    /* elements from one block to the next (K and V alike) */
+    int bf16;                /* the caches hold bfloat16 (else float32) */
     int64_t rows, heads, kv_heads, d, s;
     float *out;              /* [rows][heads][D] */
 } Args;
@@ -160,7 +160,7 @@ static float weights(float *sc, int64_t n, int64_t splits, int64_t s, float *lan
 /* The g = heads / kv_heads query heads of kv head h at row r (they share every K/V block).
  * Inlined with d and s constant for the common shapes (same ops, same order, same bits). */
 static inline __attribute__((always_inline)) void row_group_impl(
-        const Args *a, int64_t r, int64_t h, int bf16, float *sc, float *lanes, float *acc,
+        const Args *a, int64_t r, int64_t h, float *sc, float *lanes, float *acc,
         const int64_t d, const int64_t s) {
     const int64_t g = a->heads / a->kv_heads;
     const int64_t n = a->pos[r] + 1, splits = (n + s - 1) / s;
@@ -172,7 +172,7 @@ static inline __attribute__((always_inline)) void row_group_impl(
             float *outs[2] = {sc + i * splits * s + j * s, sc + i * splits * s + (j + 1) * s};
             int64_t at[2];
             for (int b = 0; b < nb; b++) at[b] = table[j + b] * a->block_stride + h * d * s;
-            if (bf16) {
+            if (a->bf16) {
                 const uint16_t *blocks[2] = {(const uint16_t *)a->k_cache + at[0],
                                              (const uint16_t *)a->k_cache + at[nb - 1]};
                 bf16_scores(q + i * d, blocks, nb, outs, d, s);
@@ -191,7 +191,8 @@ static inline __attribute__((always_inline)) void row_group_impl(
         const int64_t seen = n - j * s < s ? n - j * s : s;
         for (int64_t i = 0; i < g; i++) {
             const float *w = sc + i * splits * s + j * s;
-            if (bf16) bf16_values(w, (const uint16_t *)a->v_cache + offset, seen, acc + i * d, d);
+            if (a->bf16)
+                bf16_values(w, (const uint16_t *)a->v_cache + offset, seen, acc + i * d, d);
             else f32_values(w, (const float *)a->v_cache + offset, seen, acc + i * d, d);
         }
     }
@@ -201,26 +202,26 @@ static inline __attribute__((always_inline)) void row_group_impl(
 }
 
 #define SHAPE(D, S)                                                                           \
-static void row_group_##D##_##S(const Args *a, int64_t r, int64_t h, int bf16, float *sc,    \
-                                float *lanes, float *acc) {                                  \
-    row_group_impl(a, r, h, bf16, sc, lanes, acc, D, S);                                     \
+static void row_group_##D##_##S(const Args *a, int64_t r, int64_t h, float *sc, float *lanes, \
+                                float *acc) {                                                \
+    row_group_impl(a, r, h, sc, lanes, acc, D, S);                                           \
 }
 SHAPE(64, 16) SHAPE(64, 32) SHAPE(64, 64) SHAPE(128, 16) SHAPE(128, 32) SHAPE(128, 64)
 SHAPE(256, 16) SHAPE(256, 32) SHAPE(256, 64)
 
-static void row_group(const Args *a, int64_t r, int64_t h, int bf16, float *sc, float *lanes,
+static void row_group(const Args *a, int64_t r, int64_t h, float *sc, float *lanes,
                       float *acc) {
 #define CASE(D, S) \
-    if (a->d == D && a->s == S) return row_group_##D##_##S(a, r, h, bf16, sc, lanes, acc);
+    if (a->d == D && a->s == S) return row_group_##D##_##S(a, r, h, sc, lanes, acc);
     CASE(64, 16) CASE(64, 32) CASE(64, 64) CASE(128, 16) CASE(128, 32) CASE(128, 64)
     CASE(256, 16) CASE(256, 32) CASE(256, 64)
 #undef CASE
-    row_group_impl(a, r, h, bf16, sc, lanes, acc, a->d, a->s);
+    row_group_impl(a, r, h, sc, lanes, acc, a->d, a->s);
 }
 
 /* Items lo..hi-1 are (kv head, row) pairs, kv-head-major: consecutive items share blocks while
  * they are in cache. Returns 0, or -1 where scratch memory ran out. */
-static int run_items(const Args *a, int64_t lo, int64_t hi, int bf16) {
+static int run_items(const Args *a, int64_t lo, int64_t hi) {
     int64_t max_splits = 1;
     for (int64_t i = lo; i < hi; i++) {
         int64_t splits = a->pos[i % a->rows] / a->s + 1;
@@ -230,7 +231,7 @@ static int run_items(const Args *a, int64_t lo, int64_t hi, int bf16) {
     float *scratch = malloc(sizeof(float) * (a->s + g * a->d + g * max_splits * a->s));
     if (scratch == NULL) return -1;
     for (int64_t i = lo; i < hi; i++)
-        row_group(a, i % a->rows, i / a->rows, bf16, scratch + a->s + g * a->d, scratch,
+        row_group(a, i % a->rows, i / a->rows, scratch + a->s + g * a->d, scratch,
                   scratch + a->s);
     free(scratch);
     return 0;
@@ -243,8 +244,8 @@ int attend(const float *q, const int64_t *pos, const int64_t *tables, int64_t ta
            const void *k_cache, const void *v_cache, int64_t block_stride, int bf16,
            int64_t rows, int64_t heads, int64_t kv_heads, int64_t d, int64_t s, float *out,
            int64_t threads) {
-    const Args a = {q, pos, tables, table_stride, k_cache, v_cache, block_stride, rows, heads,
-                    kv_heads, d, s, out};
+    const Args a = {q, pos, tables, table_stride, k_cache, v_cache, block_stride, bf16, rows,
+                    heads, kv_heads, d, s, out};
     const int64_t items = rows * kv_heads;
     if (threads > items) threads = items;
     if (threads < 1) threads = 1;
@@ -261,7 +262,7 @@ int attend(const float *q, const int64_t *pos, const int64_t *tables, int64_t ta
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
     for (int64_t t = 0; t < threads; t++)
-        failed |= run_items(&a, bounds[t], bounds[t + 1], bf16) != 0;
+        failed |= run_items(&a, bounds[t], bounds[t + 1]) != 0;
     return failed ? -1 : 0;
 }
 

@@ -57,7 +57,7 @@ def _build(cc: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         for threads in (THREADS, ()):
-            done = subprocess.run([cc, *FLAGS, *threads, str(SOURCE), "-o", str(built), "-lm"],
+            done = subprocess.run([cc, *FLAGS, *threads, str(SOURCE), "-o", str(built)],
                                   capture_output=True, text=True)
             if done.returncode == 0:
                 break

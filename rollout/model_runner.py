@@ -69,8 +69,8 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         cfg = self.model_config
-        elt = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.block_size * elt
+        return (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.block_size
+                * self.dtype.itemsize)
 
     def _num_blocks(self, max_model_len: int) -> int:
         if self.config.num_kv_blocks is not None:
