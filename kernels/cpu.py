@@ -312,7 +312,7 @@ def _native_attend(fn, q: torch.Tensor, positions: torch.Tensor, tables: torch.T
     for every row), through `kernels/native.c`. Returns [rows, H, D] in q's dtype."""
     rows, heads, d = q.shape
     kv_heads, size = v_cache.shape[1], v_cache.shape[2]
-    if k_cache.stride()[1:] != (d * size, size, 1) or v_cache.stride()[1:] != (size * d, d, 1) \
+    if not (k_cache[:1].is_contiguous() and v_cache[:1].is_contiguous()) \
             or k_cache.stride(0) != v_cache.stride(0) or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"K/V caches of strides {k_cache.stride()} / {v_cache.stride()} and "
                          f"dtypes {k_cache.dtype} / {v_cache.dtype}: the kernel reads blocks "
@@ -462,12 +462,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"slots {int(slot_mapping.min())}..{int(slot_mapping.max())} outside "
                          f"the cache's {k_cache.shape[0] * size}")
     lib = native.library()
-    if lib is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
+    if (lib is not None and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.element_size() in (2, 4)):
         slots = slot_mapping.to(torch.int64).contiguous()
         for src, cache, transposed in ((k, k_cache, 1), (v, v_cache, 0)):
             src = src.to(cache.dtype).contiguous()
             lib.store(src.data_ptr(), cache.data_ptr(), slots.data_ptr(), tokens, kv_heads, d,
-                      size, cache.element_size(), transposed)
+                      size, cache.element_size(), transposed, torch.get_num_threads())
         return
     blocks, offsets = slot_mapping // size, slot_mapping % size
     k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)

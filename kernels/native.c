@@ -157,96 +157,226 @@ static float weights(float *sc, int64_t n, int64_t splits, int64_t s, float *lan
     return l;
 }
 
-/* The g = heads / kv_heads query heads of kv head h at row r (they share every K/V block).
- * Inlined with d and s constant for the common shapes (same ops, same order, same bits). */
-static inline __attribute__((always_inline)) void row_group_impl(
-        const Args *a, int64_t r, int64_t h, float *sc, float *lanes, float *acc,
-        const int64_t d, const int64_t s) {
-    const int64_t g = a->heads / a->kv_heads;
-    const int64_t n = a->pos[r] + 1, splits = (n + s - 1) / s;
-    const int64_t *table = a->tables + r * a->table_stride;
-    const float *q = a->q + (r * a->heads + h * g) * d;
-    for (int64_t i = 0; i < g; i++) {
-        for (int64_t j = 0; j < splits; j += 2) {
-            const int nb = j + 1 < splits ? 2 : 1;
-            float *outs[2] = {sc + i * splits * s + j * s, sc + i * splits * s + (j + 1) * s};
-            int64_t at[2];
-            for (int b = 0; b < nb; b++) at[b] = table[j + b] * a->block_stride + h * d * s;
-            if (a->bf16) {
-                const uint16_t *blocks[2] = {(const uint16_t *)a->k_cache + at[0],
-                                             (const uint16_t *)a->k_cache + at[nb - 1]};
-                bf16_scores(q + i * d, blocks, nb, outs, d, s);
-            } else {
-                const float *blocks[2] = {(const float *)a->k_cache + at[0],
-                                          (const float *)a->k_cache + at[nb - 1]};
-                f32_scores(q + i * d, blocks, nb, outs, d, s);
-            }
-        }
-    }
-    float l[g];
-    for (int64_t i = 0; i < g; i++) l[i] = weights(sc + i * splits * s, n, splits, s, lanes);
-    memset(acc, 0, sizeof(float) * g * d);
-    for (int64_t j = 0; j < splits; j++) {
-        const int64_t offset = table[j] * a->block_stride + h * s * d;
-        const int64_t seen = n - j * s < s ? n - j * s : s;
-        for (int64_t i = 0; i < g; i++) {
-            const float *w = sc + i * splits * s + j * s;
-            if (a->bf16)
-                bf16_values(w, (const uint16_t *)a->v_cache + offset, seen, acc + i * d, d);
-            else f32_values(w, (const float *)a->v_cache + offset, seen, acc + i * d, d);
-        }
-    }
-    float *out = a->out + (r * a->heads + h * g) * d;
-    for (int64_t i = 0; i < g; i++)
-        for (int64_t k = 0; k < d; k++) out[i * d + k] = acc[i * d + k] / l[i];
+/* One query of a tile: its scaled q [D], where its output goes, how many keys it sees. */
+typedef struct {
+    const float *q;
+    float *out;
+    int64_t n;
+} Query;
+
+#define MAX_TILE 8  /* queries per tile: each K / V vector loaded is used by all of them */
+#define ACCS 16     /* vector accumulators a tile keeps in registers */
+
+/* Scores of the NQ queries of a tile against `nb` K blocks [d][s] (s a multiple of LANES, at
+ * most 4 * LANES): for every query, lane t adds q[i] * K[i][t] over i in order, as
+ * NAME##_scores does for one query; here each K vector feeds every query. */
+#define DEFINE_TILE(NAME, T)                                                                   \
+static inline __attribute__((always_inline)) void NAME##_tile_scores(                         \
+        const Query *qs, const int nq, const T *const *blocks, const int nb, float *sc,       \
+        int64_t stride, int64_t j, const int64_t d, const int64_t s) {                        \
+    const int64_t nv = s / LANES;                                                             \
+    vf acc[MAX_TILE][2][4];                                                                   \
+    for (int k = 0; k < nq; k++)                                                              \
+        for (int b = 0; b < nb; b++)                                                          \
+            for (int64_t v = 0; v < nv; v++) acc[k][b][v] = (vf){0};                          \
+    for (int64_t i = 0; i < d; i++) {                                                         \
+        for (int b = 0; b < nb; b++)                                                          \
+            for (int64_t v = 0; v < nv; v++) {                                                \
+                const vf kv = loadv_##NAME(blocks[b] + i * s + v * LANES);                    \
+                for (int k = 0; k < nq; k++) acc[k][b][v] = acc[k][b][v] + qs[k].q[i] * kv;   \
+            }                                                                                 \
+    }                                                                                         \
+    for (int k = 0; k < nq; k++)                                                              \
+        for (int b = 0; b < nb; b++)                                                          \
+            for (int64_t v = 0; v < nv; v++)                                                  \
+                storev(sc + k * stride + (j + b) * s + v * LANES, acc[k][b][v]);              \
+}                                                                                             \
+/* For every query, lanes [c, c + width) of out (width = CH vectors): the sum over its keys, in \
+ * order across the splits, of w_k * V_k; each V vector feeds every query still seeing keys. */ \
+static inline __attribute__((always_inline)) void NAME##_tile_values(                         \
+        const Query *qs, const int nq, const float *sc, int64_t stride, const int64_t *table, \
+        const T *v_cache, int64_t block_stride, int64_t offset, int64_t splits, float *acc,   \
+        int64_t c, const int CH, const int64_t d, const int64_t s) {                          \
+    vf sum[MAX_TILE][ACCS];                                                                   \
+    for (int k = 0; k < nq; k++)                                                              \
+        for (int v = 0; v < CH; v++) sum[k][v] = (vf){0};                                     \
+    for (int64_t j = 0; j < splits; j++) {                                                    \
+        const T *vb = v_cache + table[j] * block_stride + offset + c;                         \
+        int64_t all = s, any = 0;   /* keys every query sees / some query sees */             \
+        for (int k = 0; k < nq; k++) {                                                        \
+            int64_t seen = qs[k].n - j * s;                                                   \
+            seen = seen < 0 ? 0 : seen > s ? s : seen;                                        \
+            all = seen < all ? seen : all;                                                    \
+            any = seen > any ? seen : any;                                                    \
+        }                                                                                     \
+        for (int64_t t = 0; t < any; t++) {                                                   \
+            vf vv[ACCS];                                                                      \
+            for (int v = 0; v < CH; v++) vv[v] = loadv_##NAME(vb + t * d + v * LANES);        \
+            for (int k = 0; k < nq; k++) {                                                    \
+                if (t >= all && j * s + t >= qs[k].n) continue;                               \
+                const float w = sc[k * stride + j * s + t];                                   \
+                for (int v = 0; v < CH; v++) sum[k][v] = sum[k][v] + w * vv[v];               \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    for (int k = 0; k < nq; k++)                                                              \
+        for (int v = 0; v < CH; v++) storev(acc + k * d + c + v * LANES, sum[k][v]);          \
 }
 
-#define SHAPE(D, S)                                                                           \
-static void row_group_##D##_##S(const Args *a, int64_t r, int64_t h, float *sc, float *lanes, \
-                                float *acc) {                                                \
-    row_group_impl(a, r, h, sc, lanes, acc, D, S);                                           \
+DEFINE_TILE(f32, float)
+DEFINE_TILE(bf16, uint16_t)
+
+/* The NQ queries of a tile, all reading kv head h through one block table: scores, weights,
+ * values, as `attend` describes, each query's arithmetic the same whatever shares its tile.
+ * Inlined with nq, d and s constant (see TILE) where s and d are whole vectors. */
+static inline __attribute__((always_inline)) void tile_impl(
+        const Args *a, const int64_t *table, int64_t h, const Query *qs, const int nq,
+        float *sc, int64_t stride, float *lanes, float *acc, const int64_t d, const int64_t s) {
+    int64_t splits = 0;
+    for (int k = 0; k < nq; k++) {
+        const int64_t own = (qs[k].n + s - 1) / s;
+        splits = own > splits ? own : splits;
+    }
+    const int vector = s % LANES == 0 && s <= 4 * LANES && d % LANES == 0;
+    const int nb = vector && nq <= 2 ? 2 : 1;  /* blocks per pass: accumulators in registers */
+    for (int64_t j = 0; j < splits; j += nb) {
+        const int take = j + 1 < splits ? nb : 1;
+        int64_t at[2];
+        for (int b = 0; b < take; b++) at[b] = table[j + b] * a->block_stride + h * d * s;
+        if (vector && a->bf16) {
+            const uint16_t *blocks[2] = {(const uint16_t *)a->k_cache + at[0],
+                                         (const uint16_t *)a->k_cache + at[take - 1]};
+            bf16_tile_scores(qs, nq, blocks, take, sc, stride, j, d, s);
+        } else if (vector) {
+            const float *blocks[2] = {(const float *)a->k_cache + at[0],
+                                      (const float *)a->k_cache + at[take - 1]};
+            f32_tile_scores(qs, nq, blocks, take, sc, stride, j, d, s);
+        } else {
+            for (int k = 0; k < nq; k++)
+                for (int b = 0; b < take; b++) {
+                    float *out[1] = {sc + k * stride + (j + b) * s};
+                    if (a->bf16) {
+                        const uint16_t *blk[1] = {(const uint16_t *)a->k_cache + at[b]};
+                        bf16_scores(qs[k].q, blk, 1, out, d, s);
+                    } else {
+                        const float *blk[1] = {(const float *)a->k_cache + at[b]};
+                        f32_scores(qs[k].q, blk, 1, out, d, s);
+                    }
+                }
+        }
+    }
+    float l[MAX_TILE];
+    for (int k = 0; k < nq; k++)
+        l[k] = weights(sc + k * stride, qs[k].n, (qs[k].n + s - 1) / s, s, lanes);
+    const int64_t offset = h * s * d;
+    if (vector) {
+        int CH = ACCS / nq < d / LANES ? ACCS / nq : (int)(d / LANES);
+        while ((d / LANES) % CH) CH--;  /* chunks of CH vectors cover d exactly */
+        for (int64_t c = 0; c < d; c += CH * LANES) {
+            if (a->bf16)
+                bf16_tile_values(qs, nq, sc, stride, table, a->v_cache, a->block_stride, offset,
+                                 splits, acc, c, CH, d, s);
+            else
+                f32_tile_values(qs, nq, sc, stride, table, a->v_cache, a->block_stride, offset,
+                                splits, acc, c, CH, d, s);
+        }
+    } else {
+        memset(acc, 0, sizeof(float) * nq * d);
+        for (int k = 0; k < nq; k++)
+            for (int64_t j = 0; j * s < qs[k].n; j++) {
+                const int64_t at = table[j] * a->block_stride + offset;
+                const int64_t seen = qs[k].n - j * s < s ? qs[k].n - j * s : s;
+                const float *w = sc + k * stride + j * s;
+                if (a->bf16)
+                    bf16_values(w, (const uint16_t *)a->v_cache + at, seen, acc + k * d, d);
+                else f32_values(w, (const float *)a->v_cache + at, seen, acc + k * d, d);
+            }
+    }
+    for (int k = 0; k < nq; k++)
+        for (int64_t i = 0; i < d; i++) qs[k].out[i] = acc[k * d + i] / l[k];
 }
+
+#define TILE(NQ, D, S)                                                                        \
+static void tile_##NQ##_##D##_##S(const Args *a, const int64_t *table, int64_t h,            \
+                                  const Query *qs, float *sc, int64_t stride, float *lanes,  \
+                                  float *acc) {                                              \
+    tile_impl(a, table, h, qs, NQ, sc, stride, lanes, acc, D, S);                            \
+}
+#define SHAPE(D, S) TILE(1, D, S) TILE(2, D, S) TILE(4, D, S) TILE(8, D, S)
 SHAPE(64, 16) SHAPE(64, 32) SHAPE(64, 64) SHAPE(128, 16) SHAPE(128, 32) SHAPE(128, 64)
 SHAPE(256, 16) SHAPE(256, 32) SHAPE(256, 64)
 
-static void row_group(const Args *a, int64_t r, int64_t h, float *sc, float *lanes,
-                      float *acc) {
-#define CASE(D, S) \
-    if (a->d == D && a->s == S) return row_group_##D##_##S(a, r, h, sc, lanes, acc);
-    CASE(64, 16) CASE(64, 32) CASE(64, 64) CASE(128, 16) CASE(128, 32) CASE(128, 64)
-    CASE(256, 16) CASE(256, 32) CASE(256, 64)
+/* nq (1, 2, 4 or 8) queries at once. */
+static void tile(const Args *a, const int64_t *table, int64_t h, const Query *qs, int nq,
+                 float *sc, int64_t stride, float *lanes, float *acc) {
+#define CASE(NQ, D, S)                                                                        \
+    if (nq == NQ && a->d == D && a->s == S)                                                   \
+        return tile_##NQ##_##D##_##S(a, table, h, qs, sc, stride, lanes, acc);
+#define CASES(D, S) CASE(1, D, S) CASE(2, D, S) CASE(4, D, S) CASE(8, D, S)
+    CASES(64, 16) CASES(64, 32) CASES(64, 64) CASES(128, 16) CASES(128, 32) CASES(128, 64)
+    CASES(256, 16) CASES(256, 32) CASES(256, 64)
+#undef CASES
 #undef CASE
-    row_group_impl(a, r, h, sc, lanes, acc, a->d, a->s);
+    tile_impl(a, table, h, qs, nq, sc, stride, lanes, acc, a->d, a->s);
 }
 
-/* Items lo..hi-1 are (kv head, row) pairs, kv-head-major: consecutive items share blocks while
- * they are in cache. Returns 0, or -1 where scratch memory ran out. */
+/* Rows per item: rows sharing one block table (a prefill chunk: table_stride 0) go together,
+ * up to MAX_TILE queries; rows of their own tables (decode) one by one. */
+static int64_t rows_per_item(const Args *a) {
+    const int64_t g = a->heads / a->kv_heads;
+    return a->table_stride == 0 && g < MAX_TILE ? MAX_TILE / g : 1;
+}
+
+/* Items lo..hi-1 are (kv head, run of rows) pairs, kv-head-major: consecutive items share
+ * blocks while they are in cache. A run's queries (its rows' g heads each) go through `tile`
+ * 8, 4, 2, 1 at a time. Returns 0, or -1 where scratch memory ran out. */
 static int run_items(const Args *a, int64_t lo, int64_t hi) {
+    const int64_t per = rows_per_item(a), runs = (a->rows + per - 1) / per;
     int64_t max_splits = 1;
-    for (int64_t i = lo; i < hi; i++) {
-        int64_t splits = a->pos[i % a->rows] / a->s + 1;
+    for (int64_t r = 0; r < a->rows; r++) {
+        const int64_t splits = a->pos[r] / a->s + 1;
         max_splits = splits > max_splits ? splits : max_splits;
     }
-    const int64_t g = a->heads / a->kv_heads;
-    float *scratch = malloc(sizeof(float) * (a->s + g * a->d + g * max_splits * a->s));
-    if (scratch == NULL) return -1;
-    for (int64_t i = lo; i < hi; i++)
-        row_group(a, i % a->rows, i / a->rows, scratch + a->s + g * a->d, scratch,
-                  scratch + a->s);
+    const int64_t g = a->heads / a->kv_heads, stride = max_splits * a->s;
+    float *scratch = malloc(sizeof(float) * (a->s + MAX_TILE * (a->d + stride)));
+    Query *qs = malloc(sizeof(Query) * per * g);
+    if (scratch == NULL || qs == NULL) {
+        free(scratch);
+        free(qs);
+        return -1;
+    }
+    float *lanes = scratch, *acc = scratch + a->s, *sc = acc + MAX_TILE * a->d;
+    for (int64_t item = lo; item < hi; item++) {
+        const int64_t h = item / runs, r0 = (item % runs) * per;
+        const int64_t r1 = r0 + per < a->rows ? r0 + per : a->rows;
+        int64_t n = 0;
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t i = 0; i < g; i++) {
+                const int64_t at = (r * a->heads + h * g + i) * a->d;
+                qs[n++] = (Query){a->q + at, a->out + at, a->pos[r] + 1};
+            }
+        const int64_t *table = a->tables + r0 * a->table_stride;
+        for (int64_t k = 0; k < n;) {
+            const int nq = n - k >= 8 ? 8 : n - k >= 4 ? 4 : n - k >= 2 ? 2 : 1;
+            tile(a, table, h, qs + k, nq, sc, stride, lanes, acc);
+            k += nq;
+        }
+    }
     free(scratch);
+    free(qs);
     return 0;
 }
 
 /* Returns 0, or -1 where memory ran out. `bf16`: the caches hold bfloat16. Items are cut among
  * `threads` OpenMP threads (the process's own pool, torch's) at equal key counts, a row's cost;
- * which thread runs an item changes none of its bits. */
+ * which thread runs an item, and which queries share its tiles, change none of its bits. */
 int attend(const float *q, const int64_t *pos, const int64_t *tables, int64_t table_stride,
            const void *k_cache, const void *v_cache, int64_t block_stride, int bf16,
            int64_t rows, int64_t heads, int64_t kv_heads, int64_t d, int64_t s, float *out,
            int64_t threads) {
     const Args a = {q, pos, tables, table_stride, k_cache, v_cache, block_stride, bf16, rows,
                     heads, kv_heads, d, s, out};
-    const int64_t items = rows * kv_heads;
+    const int64_t per = rows_per_item(&a), runs = (rows + per - 1) / per, items = runs * kv_heads;
     if (threads > items) threads = items;
     if (threads < 1) threads = 1;
     if (threads > 256) threads = 256;
@@ -256,7 +386,11 @@ int attend(const float *q, const int64_t *pos, const int64_t *tables, int64_t ta
     bounds[0] = 0;
     for (int64_t t = 0, end = 0; t < threads; t++) {
         const double goal = total * (double)(t + 1) / (double)threads;
-        while (end < items && (t == threads - 1 || done < goal)) done += pos[end++ % rows] + 1;
+        while (end < items && (t == threads - 1 || done < goal)) {
+            const int64_t r0 = (end % runs) * per, r1 = r0 + per < rows ? r0 + per : rows;
+            for (int64_t r = r0; r < r1; r++) done += pos[r] + 1;
+            end++;
+        }
         bounds[t + 1] = end;
     }
     int failed = 0;
@@ -288,24 +422,39 @@ void row_sum(const float *x, int64_t rows, int64_t n, float *out, int64_t thread
     for (int64_t r = 0; r < rows; r++) out[r] = one_row_sum(x + r * n, n);
 }
 
-/* Each token's [kv_heads][d] values (contiguous, the cache's element size) into the cache at
- * slot = block * s + offset: K transposed ([block][kv_heads][d][s]) or V
- * ([block][kv_heads][s][d]). */
+/* One kv head's values of each token (contiguous [tokens][kv_heads][d], element type T) into
+ * the cache at slot = block * s + offset: K transposed ([block][kv_heads][d][s]) or V
+ * ([block][kv_heads][s][d]). Tokens in order: where two share a slot, the later one stays. */
+#define DEFINE_STORE(NAME, T)                                                                  \
+static void NAME(const T *in, T *cache, const int64_t *slots, int64_t tokens, int64_t h,      \
+                 int64_t kv_heads, int64_t d, int64_t s, int64_t transposed) {                \
+    for (int64_t t = 0; t < tokens; t++) {                                                    \
+        const int64_t block = slots[t] / s, offset = slots[t] % s;                            \
+        const T *from = in + (t * kv_heads + h) * d;                                          \
+        T *head = cache + (block * kv_heads + h) * d * s;                                     \
+        if (transposed) {                                                                     \
+            if (t + 1 < tokens) { /* the next token's lines, while this one's are written */  \
+                const int64_t nb = slots[t + 1] / s, no = slots[t + 1] % s;                   \
+                T *next = cache + (nb * kv_heads + h) * d * s + no;                           \
+                for (int64_t i = 0; i < d; i++) __builtin_prefetch(next + i * s, 1);          \
+            }                                                                                 \
+            for (int64_t i = 0; i < d; i++) head[i * s + offset] = from[i];                   \
+        } else {                                                                              \
+            memcpy(head + offset * d, from, d * sizeof(T));                                   \
+        }                                                                                     \
+    }                                                                                         \
+}
+DEFINE_STORE(store_2, uint16_t)
+DEFINE_STORE(store_4, uint32_t)
+
+/* `size`: bytes per element, 2 or 4 (raw copies: no value is changed). Kv heads are cut among
+ * `threads` OpenMP threads: each head's slots are written by one thread, in token order. */
 void store(const void *src, void *cache, const int64_t *slots, int64_t tokens, int64_t kv_heads,
-           int64_t d, int64_t s, int64_t size, int64_t transposed) {
-    const char *in = src;
-    char *base = cache;
-    for (int64_t t = 0; t < tokens; t++) {
-        const int64_t block = slots[t] / s, offset = slots[t] % s;
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const char *from = in + (t * kv_heads + h) * d * size;
-            char *head = base + ((block * kv_heads + h) * d * s) * size;
-            if (transposed) {
-                for (int64_t i = 0; i < d; i++)
-                    memcpy(head + (i * s + offset) * size, from + i * size, size);
-            } else {
-                memcpy(head + offset * d * size, from, d * size);
-            }
-        }
+           int64_t d, int64_t s, int64_t size, int64_t transposed, int64_t threads) {
+    if (threads < 1 || tokens * kv_heads * d < (1 << 12)) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t h = 0; h < kv_heads; h++) {
+        if (size == 2) store_2(src, cache, slots, tokens, h, kv_heads, d, s, transposed);
+        else store_4(src, cache, slots, tokens, h, kv_heads, d, s, transposed);
     }
 }

@@ -87,6 +87,6 @@ def library() -> ctypes.CDLL | None:
     lib.attend.restype = ctypes.c_int
     lib.row_sum.argtypes = [ptr, i64, i64, ptr, i64]
     lib.row_sum.restype = None
-    lib.store.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64]
+    lib.store.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64]
     lib.store.restype = None
     return lib

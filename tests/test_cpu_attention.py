@@ -86,6 +86,33 @@ def test_prefill_in_chunks_equals_dense_attention(dtype):
         assert torch.equal(part, dense[a:b]), (a, b)
 
 
+@pytest.mark.parametrize("heads,kv_heads,d,split", [(16, 8, 128, 32), (4, 1, 64, 16),
+                                                    (16, 1, 64, 32), (6, 2, 48, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_alone_equals_the_row_among_others(heads, kv_heads, d, split, dtype):
+    """The C kernel attends up to 8 queries at a time (rows of a chunk, heads of a kv head); a
+    row's bits are the same alone, in any chunk, and in the trainer's causal attention. Shapes:
+    the kernel's specialized ones, one kv head (g = 4 and 16), and an unvectorized one."""
+    length = 45
+    q = _rand(length, heads, d, seed=1, dtype=dtype)
+    k, v = _rand(length, kv_heads, d, seed=2, dtype=dtype), _rand(length, kv_heads, d, seed=3,
+                                                                  dtype=dtype)
+    dense = cpu.causal_attention(q, k, v, d ** -0.5, split)
+    blocks = -(-length // split)
+    table = torch.randperm(blocks + 3, generator=torch.Generator().manual_seed(0))[:blocks]
+    k_cache = torch.zeros(blocks + 3, kv_heads, d, split, dtype=dtype)
+    v_cache = torch.zeros(blocks + 3, kv_heads, split, d, dtype=dtype)
+    pos = torch.arange(length)
+    cpu.store_kv(k, v, k_cache, v_cache, table[pos // split] * split + pos % split)
+    for a, b in ((0, length), (3, 10), (44, 45), (9, 10)):
+        part = cpu.prefill_attention(q[a:b], k_cache, v_cache, table, pos[a:b], d ** -0.5)
+        assert torch.equal(part, dense[a:b]), (a, b)
+    rows = torch.tensor([44, 9, 30])
+    out = cpu.decode_attention(q[rows], k_cache, v_cache, table.expand(3, -1), rows + 1,
+                               d ** -0.5)
+    assert torch.equal(out, dense[rows])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_do_not_depend_on_the_thread_count(dtype):
     length = 100
