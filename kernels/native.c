@@ -422,6 +422,59 @@ void row_sum(const float *x, int64_t rows, int64_t n, float *out, int64_t thread
     for (int64_t r = 0; r < rows; r++) out[r] = one_row_sum(x + r * n, n);
 }
 
+/* float32 to bfloat16, rounded to nearest even (torch's conversion; NaN to a quiet NaN). */
+static inline uint16_t to_bf16(float x) {
+    union { float f; uint32_t u; } v = {x};
+    if (x != x) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+
+static inline float widen(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Hugging Face's RMSNorm of Llama/Qwen, op for op as torch runs it (each op rounded on its own,
+ * the mean's sum in `row_sum`'s order): xf = float32(x); s = sum(xf * xf); r = 1 / sqrt(s / n +
+ * eps); out = weight * dtype(xf * r). x, weight, out: [rows][n] / [n] float32 or bfloat16. */
+static void rms_row(const void *x, const void *w, void *out, int64_t n, float eps, int bf16,
+                    float *sq) {
+    for (int64_t i = 0; i < n; i++) {
+        const float v = widen(x, i, bf16);
+        sq[i] = v * v;
+    }
+    const float r = 1.0f / __builtin_sqrtf(one_row_sum(sq, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) {
+        const float y = widen(x, i, bf16) * r;
+        if (bf16)
+            ((uint16_t *)out)[i] = to_bf16(widen(w, i, 1) * load_bf16(to_bf16(y)));
+        else ((float *)out)[i] = ((const float *)w)[i] * y;
+    }
+}
+
+static int rms_rows(const void *x, const void *w, void *out, int64_t lo, int64_t hi, int64_t n,
+                    float eps, int bf16) {
+    float *sq = malloc(sizeof(float) * n);
+    if (sq == NULL) return -1;
+    const int64_t size = bf16 ? 2 : 4;
+    for (int64_t r = lo; r < hi; r++)
+        rms_row((const char *)x + r * n * size, w, (char *)out + r * n * size, n, eps, bf16, sq);
+    free(sq);
+    return 0;
+}
+
+/* Rows cut among `threads` OpenMP threads. Returns 0, or -1 where scratch memory ran out. */
+int rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t n, double eps,
+             int bf16, int64_t threads) {
+    if (threads < 1 || rows * n < (1 << 15)) threads = 1;  /* small: not worth a thread */
+    if (threads > rows) threads = rows > 0 ? rows : 1;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
+    for (int64_t t = 0; t < threads; t++)
+        failed |= rms_rows(x, w, out, rows * t / threads, rows * (t + 1) / threads, n,
+                           (float)eps, bf16) != 0;
+    return failed ? -1 : 0;
+}
+
 /* One kv head's values of each token (contiguous [tokens][kv_heads][d], element type T) into
  * the cache at slot = block * s + offset: K transposed ([block][kv_heads][d][s]) or V
  * ([block][kv_heads][s][d]). Tokens in order: where two share a slot, the later one stays. */

@@ -20,9 +20,10 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("native.c")
 # -ffp-contract=off: no fused multiply-add, so every float op rounds on its own and vector and
-# scalar code give the same bits; never -ffast-math
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
-         "-std=c11")
+# scalar code give the same bits; never -ffast-math (-fno-math-errno: sqrt stays one
+# instruction, correctly rounded, with no libm call for errno)
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno",
+         "-fPIC", "-shared", "-std=c11")
 # threads from the process's OpenMP runtime (torch's: the .so finds the libgomp already loaded);
 # a compiler without OpenMP builds a one-thread kernel, with the same bits
 THREADS = ("-fopenmp",)
@@ -89,4 +90,6 @@ def library() -> ctypes.CDLL | None:
     lib.row_sum.restype = None
     lib.store.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64]
     lib.store.restype = None
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_double, ctypes.c_int, i64]
+    lib.rms_norm.restype = ctypes.c_int
     return lib

@@ -170,6 +170,21 @@ def test_a_row_sum_does_not_depend_on_the_other_rows(width):
     assert (error <= 1e-6 * x.double().abs().sum(-1)).all()  # within float32's rounding
 
 
+@pytest.mark.parametrize("shape", [(300, 1024), (40, 16, 128), (3, 7), (2, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_torch_sequence_a_trainer_runs(shape, dtype):
+    """The C RMSNorm, one pass, against the op-by-op torch sequence transformers runs (under the
+    mode only its mean is ours), bitwise: tiny, unit and huge rows (rounding at every step)."""
+    from kernels import composite
+    weight = _rand(shape[-1], seed=7, dtype=torch.float32).mul(0.5).add(1).to(dtype)
+    for scale in (1e-20, 1.0, 1e4):
+        x = (_rand(*shape, seed=len(shape), dtype=torch.float32) * scale).to(dtype)
+        out = cpu.rms_norm(x, weight, 1e-6)
+        assert out.dtype == dtype
+        assert torch.equal(out, composite.rms_norm(cpu.row_sum, x, weight, 1e-6)), scale
+        assert torch.equal(cpu.rms_norm(x[1:2], weight, 1e-6), out[1:2])
+
+
 def test_reads_outside_the_cache_are_refused_with_the_bad_values():
     k_cache = torch.zeros(4, KV_HEADS, D, SPLIT)
     v_cache = torch.zeros(4, KV_HEADS, SPLIT, D)
