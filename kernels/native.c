@@ -18,6 +18,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define SUBNORMAL_CUT -87.0f
 
@@ -73,12 +76,18 @@ static inline vf loadv_f32(const float *p) {
     return v;
 }
 static inline vf loadv_bf16(const uint16_t *p) {
+#ifdef __AVX512F__  /* one zero-extending load (GCC splits the generic one into halves) */
+    const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)),
+                                        16);
+    return (vf)_mm512_castsi512_ps(u);
+#else
     vh h;
     memcpy(&h, p, sizeof h);
     vu u = __builtin_convertvector(h, vu) << 16;
     vf v;
     memcpy(&v, &u, sizeof v);
     return v;
+#endif
 }
 static inline void storev(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
