@@ -23,6 +23,7 @@ class Ops:
     log_softmax: Callable
     softmax_parts: Callable
     store_kv: Callable
+    rotate: Callable  # rotary embedding: rotate(x [T, H, D], cos, sin [T, 1, D])
     decode_attention: Callable
     prefill_attention: Callable
     # prepare(linears [(weight, splits)], row_lengths, head_dim, split, dtype): decides (and
@@ -32,7 +33,7 @@ class Ops:
 
 def _ops_from(module) -> Ops:
     return Ops(module.linear, module.rms_norm, module.silu_and_mul, module.log_softmax,
-               module.softmax_parts, module.store_kv, module.decode_attention,
+               module.softmax_parts, module.store_kv, module.rotate, module.decode_attention,
                module.prefill_attention, module.prepare)
 
 
@@ -62,7 +63,7 @@ def get_ops(device: torch.device | str, deterministic: bool = True,
         return ops if packed_weights or plain is None else replace(ops, linear=plain)
     from kernels import fast
     return Ops(fast.linear, fast.rms_norm, fast.silu_and_mul, fast.log_softmax,
-               fast.softmax_parts, invariant.store_kv, invariant.decode_attention,
+               fast.softmax_parts, invariant.store_kv, fast.rotate, invariant.decode_attention,
                invariant.prefill_attention, partial(fast.prepare, invariant))
 
 

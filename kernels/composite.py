@@ -67,6 +67,17 @@ def rms_norm(row_sum: RowSum, x: torch.Tensor, weight: torch.Tensor, eps: float)
     return weight * xf.to(dtype)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: x * cos + rotate_half(x) * sin, as transformers computes it, without
+    building rotate_half(x): its first half is -x2, and a + (-x2 * s) is exactly a - x2 * s.
+    x [T, H, D]; cos, sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
+
+
 def silu(x: torch.Tensor) -> torch.Tensor:
     """From exp, whose vectorized and scalar CPU paths agree (torch's silu kernel's do not)."""
     return x / torch.neg(x).exp_().add_(1)  # in place on a temporary: the same bits, one buffer

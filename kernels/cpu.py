@@ -462,8 +462,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"slots {int(slot_mapping.min())}..{int(slot_mapping.max())} outside "
                          f"the cache's {k_cache.shape[0] * size}")
     lib = native.library()
-    if (lib is not None and k_cache.is_contiguous() and v_cache.is_contiguous()
-            and k_cache.element_size() in (2, 4)):
+    if (lib is not None and k_cache.device.type == "cpu" and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and k_cache.element_size() in (2, 4)):
         slots = slot_mapping.to(torch.int64).contiguous()
         for src, cache, transposed in ((k, k_cache, 1), (v, v_cache, 0)):
             src = src.to(cache.dtype).contiguous()
@@ -741,3 +741,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 log_softmax = partial(composite.log_softmax, row_sum)
 silu, silu_and_mul = composite.silu, composite.silu_and_mul
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """composite.rotate in one pass of `kernels/native.c` where it is built (op for op the
+    same). x [T, H, D]; cos, sin [T, 1, D] of x's dtype."""
+    lib = native.library()
+    t, h, d = x.shape
+    if (lib is None or x.dtype not in NATIVE_DTYPES or cos.dtype != x.dtype
+            or sin.dtype != x.dtype or x.device.type != "cpu" or d % 2
+            or cos.shape != (t, 1, d) or sin.shape != (t, 1, d)
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return composite.rotate(x, cos, sin)
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)
+    lib.rotate(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d,
+               int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+

@@ -31,6 +31,7 @@ def _row_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 rms_norm = partial(composite.rms_norm, _row_sum)
+rotate = composite.rotate
 softmax_parts = partial(composite.softmax_parts, _row_sum)
 
 

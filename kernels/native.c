@@ -434,8 +434,8 @@ void row_sum(const float *x, int64_t rows, int64_t n, float *out, int64_t thread
 /* float32 to bfloat16, rounded to nearest even (torch's conversion; NaN to a quiet NaN). */
 static inline uint16_t to_bf16(float x) {
     union { float f; uint32_t u; } v = {x};
-    if (x != x) return 0x7FC0;
-    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+    const uint16_t rounded = (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+    return x != x ? 0x7FC0 : rounded;
 }
 
 static inline float widen(const void *p, int64_t i, int bf16) {
@@ -482,6 +482,43 @@ int rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t n, d
         failed |= rms_rows(x, w, out, rows * t / threads, rows * (t + 1) / threads, n,
                            (float)eps, bf16) != 0;
     return failed ? -1 : 0;
+}
+
+/* Rotary embedding of x [T][H][D] at cos, sin [T][D] (each token's row of the tables), as
+ * transformers computes x * cos + rotate_half(x) * sin, each op rounded to the dtype:
+ * out[i] = x[i] * cos[i] - x[i + D/2] * sin[i] (i < D/2), x[i] * cos[i] + x[i - D/2] * sin[i]. */
+#define DEFINE_ROTATE(NAME, T, LOAD, STORE, ROUND)                                            \
+static void NAME(const T *restrict x, const T *restrict cs, const T *restrict sn,             \
+                 T *restrict out, int64_t h, int64_t d) {                                     \
+    const int64_t half = d / 2;                                                               \
+    for (int64_t j = 0; j < h; j++, x += d, out += d) {                                       \
+        for (int64_t i = 0; i < half; i++)                                                    \
+            out[i] = STORE(ROUND(LOAD(x[i]) * LOAD(cs[i])) -                                  \
+                           ROUND(LOAD(x[i + half]) * LOAD(sn[i])));                           \
+        for (int64_t i = half; i < d; i++)                                                    \
+            out[i] = STORE(ROUND(LOAD(x[i]) * LOAD(cs[i])) +                                  \
+                           ROUND(LOAD(x[i - half]) * LOAD(sn[i])));                           \
+    }                                                                                         \
+}
+static inline float same(float x) { return x; }
+static inline float bf16_round(float x) { return load_bf16(to_bf16(x)); }
+DEFINE_ROTATE(rotate_f32, float, same, same, same)
+DEFINE_ROTATE(rotate_bf16, uint16_t, load_bf16, to_bf16, bf16_round)
+
+void rotate(const void *x, const void *cs, const void *sn, void *out, int64_t tokens, int64_t h,
+            int64_t d, int bf16, int64_t threads) {
+    const int64_t size = bf16 ? 2 : 4;
+    if (threads < 1 || tokens * h * d < (1 << 15)) threads = 1;  /* small: not worth a thread */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const char *in = (const char *)x + t * h * d * size;
+        const char *c = (const char *)cs + t * d * size, *s = (const char *)sn + t * d * size;
+        char *o = (char *)out + t * h * d * size;
+        if (bf16)
+            rotate_bf16((const uint16_t *)in, (const uint16_t *)c, (const uint16_t *)s,
+                        (uint16_t *)o, h, d);
+        else rotate_f32((const float *)in, (const float *)c, (const float *)s, (float *)o, h, d);
+    }
 }
 
 /* One kv head's values of each token (contiguous [tokens][kv_heads][d], element type T) into

@@ -92,4 +92,6 @@ def library() -> ctypes.CDLL | None:
     lib.store.restype = None
     lib.rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_double, ctypes.c_int, i64]
     lib.rms_norm.restype = ctypes.c_int
+    lib.rotate.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, i64]
+    lib.rotate.restype = None
     return lib

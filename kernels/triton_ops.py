@@ -170,6 +170,7 @@ rms_norm = partial(composite.rms_norm, row_sum)
 softmax_parts = partial(composite.softmax_parts, row_sum)
 log_softmax = partial(composite.log_softmax, row_sum)
 silu, silu_and_mul = composite.silu, composite.silu_and_mul
+rotate = composite.rotate
 
 
 def prepare(linears, row_lengths, head_dim: int, split: int,

@@ -185,6 +185,22 @@ def test_rms_norm_is_the_torch_sequence_a_trainer_runs(shape, dtype):
         assert torch.equal(cpu.rms_norm(x[1:2], weight, 1e-6), out[1:2])
 
 
+@pytest.mark.parametrize("shape", [(70, 16, 128), (3, 2, 6), (1, 1, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_the_torch_sequence_a_trainer_runs(shape, dtype):
+    """The C rotary embedding, one pass, bitwise against x * cos + rotate_half(x) * sin as
+    transformers computes it (each product and sum rounded to the dtype)."""
+    x = _rand(*shape, seed=5, dtype=torch.float32).mul(30).to(dtype)
+    angle = _rand(shape[0], 1, shape[2], seed=6, dtype=torch.float32).mul(40)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    half = shape[2] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    out = cpu.rotate(x, cos, sin)
+    assert out.dtype == dtype
+    assert torch.equal(out, x * cos + rotated_half * sin)
+    assert torch.equal(cpu.rotate(x[:1], cos[:1], sin[:1]), out[:1])
+
+
 def test_reads_outside_the_cache_are_refused_with_the_bad_values():
     k_cache = torch.zeros(4, KV_HEADS, D, SPLIT)
     v_cache = torch.zeros(4, KV_HEADS, SPLIT, D)

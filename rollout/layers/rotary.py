@@ -4,6 +4,8 @@ import weakref
 import torch
 from torch import nn
 
+from kernels import Ops
+
 
 def inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
     """The same float32 values transformers computes for these RoPE parameters."""
@@ -25,21 +27,13 @@ def inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
     return inv_freq
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, as transformers computes it, without building
-    rotate_half(x): its first half is -x2, and a + (-x2 * s) is exactly a - x2 * s."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half] -= x[..., half:] * sin[..., :half]
-    out[..., half:] += x[..., :half] * sin[..., half:]
-    return out
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, computed elementwise exactly as transformers does."""
 
-    def __init__(self, head_dim: int, max_positions: int, rope: dict, dtype: torch.dtype):
+    def __init__(self, ops: Ops, head_dim: int, max_positions: int, rope: dict,
+                 dtype: torch.dtype):
         super().__init__()
+        self.ops = ops
         inv_freq = inverse_frequencies(head_dim, rope)
         freqs = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -50,7 +44,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, H, D], k [T, kv_heads, D]."""
         cos, sin = self._tables(positions)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self.ops.rotate(q, cos, sin), self.ops.rotate(k, cos, sin)
 
     def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, D] at `positions`, looked up once per forward (every layer passes

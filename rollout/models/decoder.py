@@ -93,7 +93,7 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, ops: Ops, cfg: ModelConfig, dtype: torch.dtype, max_positions: int):
         super().__init__()
         self.cfg, self.ops = cfg, ops
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, dtype)
+        rotary = RotaryEmbedding(ops, cfg.head_dim, max_positions, cfg.rope, dtype)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(ops, cfg, rotary) for _ in range(cfg.num_layers))
