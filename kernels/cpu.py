@@ -12,6 +12,8 @@ never on how many rows came with it or where the row sat. How:
   capped at `invariance.MAX_BATCH`.
 - Transcendentals are only `exp`, `log`, `rsqrt`, `cos`, `sin`, whose vectorized and scalar
   paths agree; `silu` is rebuilt from `exp` because torch's own does not.
+- Where the machine has a C compiler, attention, row sums, RMSNorm, the rotary embedding and the
+  KV-cache store run `kernels/native.c` instead (see `native`): one fixed order per row.
 """
 
 import weakref

@@ -1,10 +1,13 @@
-/* CPU kernels with one fixed order of arithmetic per row: paged causal attention, row sums.
+/* CPU kernels with one fixed order of arithmetic per row: paged causal attention, row sums,
+ * RMSNorm and the rotary embedding (op for op the torch sequences transformers runs), and the
+ * KV-cache store.
  *
- * A row (one query position of one head) is computed by one call of `row_group` from its query,
+ * An attention row (one query position of one head) is computed by `tile_impl` from its query,
  * its position and the keys and values it sees, and nothing else: no other row, thread count,
- * vector width or CPU changes a bit. Only IEEE float32 adds, multiplies and divides are used,
- * each rounded on its own (built with -ffp-contract=off: no fused multiply-add), exp included
- * (`exp_fixed` below), so a vectorized loop and its scalar remainder give the same bits.
+ * vector width or CPU changes a bit. Only IEEE float32 adds, multiplies and divides (and square
+ * roots, in RMSNorm) are used, each rounded on its own (built with -ffp-contract=off: no fused
+ * multiply-add), exp included (`exp_fixed` below), so a vectorized loop and its scalar remainder
+ * give the same bits.
  *
  * For a row at position p with keys 0..p in splits of S keys (split j = cache block table[j]):
  *   s_k = sum over d, in order, of q[d] * K_k[d]     (q already scaled)
