@@ -216,3 +216,4 @@ def test_reads_outside_the_cache_are_refused_with_the_bad_values():
     k = _rand(1, KV_HEADS, D, seed=2, dtype=torch.float32)
     with pytest.raises(ValueError, match="slots 64..64 outside the cache's 64"):
         cpu.store_kv(k, k, k_cache, v_cache, torch.tensor([64]))
+
