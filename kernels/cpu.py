@@ -297,7 +297,7 @@ SUBNORMAL_EXP = -87.0  # weights of scores this far under the maximum (or furthe
 
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes kernels/native.c reads
-NATIVE_MAX_D, NATIVE_MAX_S = 512, 256  # its MAX_D, MAX_S
+NATIVE_MAX_D, NATIVE_MAX_S = 512, 256  # S: its MAX_S (a row's scores on the stack); D: ours
 
 
 def _native(dtype: torch.dtype, head_dim: int, size: int):
@@ -335,8 +335,8 @@ def _native_attend(fn, q: torch.Tensor, positions: torch.Tensor, tables: torch.T
     return out.to(q.dtype)
 
 
-_last_checked: list = [None]  # (weakrefs to the positions' source and tables, their
-# versions and the sizes) of the last reads checked
+_last_checked: dict[str, tuple] = {}  # per check: weakrefs to the tensors it last passed, and
+# their versions and sizes
 
 
 def _version(t: torch.Tensor) -> int:
@@ -344,14 +344,26 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def _passed_before(check: str, tensors: tuple[torch.Tensor, ...], sizes: tuple) -> bool:
+    """Whether `check` last passed on these very tensors, unwritten since, with these sizes
+    (every layer of a step passes the same ones: checked once per step). If not, the caller
+    checks and then calls `_passed`."""
+    last = _last_checked.get(check)
+    return (last is not None and all(r() is t for r, t in zip(last[0], tensors))
+            and last[1] == (*map(_version, tensors), *sizes))
+
+
+def _passed(check: str, tensors: tuple[torch.Tensor, ...], sizes: tuple) -> None:
+    _last_checked[check] = (tuple(map(weakref.ref, tensors)), (*map(_version, tensors), *sizes))
+
+
 def _check_reads(source: torch.Tensor, shift: int, tables: torch.Tensor, rows: int, heads: int,
                  kv_heads: int, size: int, num_blocks: int) -> None:
     """The C kernel reads where positions (source - shift) and block tables point: refuse what
     points outside the cache (an error naming it, where a raw read would crash the process).
     Once per step: every layer passes the same tensors."""
-    key = (_version(source), _version(tables), shift, rows, heads, kv_heads, size, num_blocks)
-    last = _last_checked[0]
-    if last is not None and last[0]() is source and last[1]() is tables and last[2] == key:
+    sizes = (shift, rows, heads, kv_heads, size, num_blocks)
+    if _passed_before("reads", (source, tables), sizes):
         return
     positions = source - shift
     if heads % kv_heads:
@@ -367,7 +379,7 @@ def _check_reads(source: torch.Tensor, shift: int, tables: torch.Tensor, rows: i
     if first < 0 or last >= num_blocks:
         raise ValueError(f"block ids {int(first)}..{int(last)} outside the cache's "
                          f"{num_blocks} blocks")
-    _last_checked[0] = (weakref.ref(source), weakref.ref(tables), key)
+    _passed("reads", (source, tables), sizes)
 
 
 def _dense_tiles(k: torch.Tensor, v: torch.Tensor, size: int):
@@ -460,9 +472,12 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if slot_mapping.shape != (tokens,) or tuple(v.shape) != (tokens, kv_heads, d):
         raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and slots "
                          f"{tuple(slot_mapping.shape)} do not match")
-    if tokens and (slot_mapping.min() < 0 or slot_mapping.max() >= k_cache.shape[0] * size):
-        raise ValueError(f"slots {int(slot_mapping.min())}..{int(slot_mapping.max())} outside "
-                         f"the cache's {k_cache.shape[0] * size}")
+    capacity = k_cache.shape[0] * size
+    if tokens and not _passed_before("slots", (slot_mapping,), (capacity,)):
+        low, high = torch.aminmax(slot_mapping)
+        if low < 0 or high >= capacity:
+            raise ValueError(f"slots {int(low)}..{int(high)} outside the cache's {capacity}")
+        _passed("slots", (slot_mapping,), (capacity,))
     lib = native.library()
     if (lib is not None and k_cache.device.type == "cpu" and k_cache.is_contiguous()
             and v_cache.is_contiguous() and k_cache.element_size() in (2, 4)):
@@ -723,15 +738,27 @@ linear = partial(composite.linear, weight_matmul)
 plain_linear = partial(composite.linear, partial(matmul, op="linear"))
 mean_last = partial(composite.mean_last, row_sum)
 softmax_parts = partial(composite.softmax_parts, row_sum)
+log_softmax = partial(composite.log_softmax, row_sum)
+silu, silu_and_mul = composite.silu, composite.silu_and_mul
+
+
+def _elementwise_lib(x: torch.Tensor, *others: torch.Tensor):
+    """The C kernels for a one-pass op on x and `others` (CPU tensors of x's dtype, float32 or
+    bfloat16, no gradient wanted), or None: the composite torch sequence runs instead."""
+    lib = native.library()
+    tensors = (x, *others)
+    if (lib is None or x.dtype not in NATIVE_DTYPES or x.device.type != "cpu"
+            or any(t.dtype != x.dtype or t.device != x.device for t in others)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return None
+    return lib
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """composite.rms_norm, in one pass of `kernels/native.c` where it is built (op for op the
     same, so the same bits; the test holds them to the torch sequence a trainer runs)."""
-    lib = native.library()
-    if (lib is None or x.dtype not in NATIVE_DTYPES or weight.dtype != x.dtype
-            or x.device.type != "cpu" or weight.shape != x.shape[-1:]
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    lib = _elementwise_lib(x, weight)
+    if lib is None or weight.shape != x.shape[-1:]:
         return composite.rms_norm(row_sum, x, weight, eps)
     rows = x.contiguous()
     out = torch.empty_like(rows)
@@ -741,22 +768,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
                     torch.get_num_threads()):
         raise MemoryError("rms_norm kernel: out of memory for its scratch")
     return out
-log_softmax = partial(composite.log_softmax, row_sum)
-silu, silu_and_mul = composite.silu, composite.silu_and_mul
+
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """composite.rotate in one pass of `kernels/native.c` where it is built (op for op the
     same). x [T, H, D]; cos, sin [T, 1, D] of x's dtype."""
-    lib = native.library()
+    lib = _elementwise_lib(x, cos, sin)
     t, h, d = x.shape
-    if (lib is None or x.dtype not in NATIVE_DTYPES or cos.dtype != x.dtype
-            or sin.dtype != x.dtype or x.device.type != "cpu" or d % 2
-            or cos.shape != (t, 1, d) or sin.shape != (t, 1, d)
-            or (torch.is_grad_enabled() and x.requires_grad)):
+    if lib is None or d % 2 or cos.shape != (t, 1, d) or sin.shape != (t, 1, d):
         return composite.rotate(x, cos, sin)
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty_like(x)
     lib.rotate(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d,
                int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return out
-

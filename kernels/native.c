@@ -65,9 +65,8 @@ typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 #define LANES 16
 #define MAX_S 256
-#define MAX_D 512
 
-static inline float load_f32(float x) { return x; }
+static inline float same(float x) { return x; }  /* float32 as is */
 static inline float load_bf16(uint16_t x) {
     union { uint32_t u; float f; } v;
     v.u = (uint32_t)x << 16;
@@ -144,7 +143,7 @@ static inline __attribute__((always_inline)) void NAME##_values(                
         for (int64_t i = 0; i < d; i++) out[i] = out[i] + w[t] * LOAD(vb[t * d + i]);        \
 }
 
-DEFINE_KERNELS(f32, float, load_f32)
+DEFINE_KERNELS(f32, float, same)
 DEFINE_KERNELS(bf16, uint16_t, load_bf16)
 
 /* Weights w_k in place of the scores of one row (keys >= n masked), and their sum l. */
@@ -503,7 +502,6 @@ static void NAME(const T *restrict x, const T *restrict cs, const T *restrict sn
                            ROUND(LOAD(x[i - half]) * LOAD(sn[i])));                           \
     }                                                                                         \
 }
-static inline float same(float x) { return x; }
 static inline float bf16_round(float x) { return load_bf16(to_bf16(x)); }
 DEFINE_ROTATE(rotate_f32, float, same, same, same)
 DEFINE_ROTATE(rotate_bf16, uint16_t, load_bf16, to_bf16, bf16_round)

@@ -1,5 +1,5 @@
-"""The CPU kernels of `native.c` (attention, row sums), built with the machine's C compiler on
-first use and loaded with ctypes.
+"""The CPU kernels of `native.c` (attention, row sums, RMSNorm, rotary embedding, KV-cache
+store), built with the machine's C compiler on first use and loaded with ctypes.
 
 Built once per source, compiler and CPU (-march=native), into ROLLOUT_KERNEL_CACHE (default
 ~/.cache/rollout/kernels). Where no compiler is found or the build fails, `library()` is None
