@@ -71,6 +71,11 @@ def _pack(w_t: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w_t.t(), None)
 
 
+def pack_weight(w_t: torch.Tensor) -> torch.Tensor | None:
+    """w_t [K, N] packed once for `packed_mm`, or None where oneDNN does not take it."""
+    return _pack(w_t) if _packable(w_t) else None
+
+
 def packed_mm(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """a [T, K] @ the packed weight: the packed twin of `blas_mm`."""
     return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")

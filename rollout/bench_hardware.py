@@ -28,12 +28,23 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
-    """FLOP/s of one large matmul (vendor BLAS) of this dtype: the peak to compare with."""
+def matmul_flops_per_s(dtype: torch.dtype, device: torch.device,
+                       repeats: int = 3) -> tuple[float, dict[str, float]]:
+    """FLOP/s of one large matmul of this dtype, the peak to compare with: the fastest of the
+    calls the machine offers (torch's matmul, i.e. vendor BLAS; on the CPU also oneDNN's linear
+    on a weight packed once, the engine's own call). Returns it and each call's FLOP/s."""
     m, k, n = MATMUL_SHAPE
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    return 2 * m * k * n / _best_seconds(lambda: a @ b, device, repeats)
+    calls = {"torch matmul": lambda: a @ b}
+    if device.type == "cpu":
+        from kernels import cpu
+        packed = cpu.pack_weight(b)
+        if packed is not None:
+            calls["oneDNN linear, packed weight"] = lambda: cpu.packed_mm(a, packed)
+    rates = {name: 2 * m * k * n / _best_seconds(call, device, repeats)
+             for name, call in calls.items()}
+    return max(rates.values()), rates
 
 
 def copy_bytes_per_s(device: torch.device, nbytes: int = 256 << 20, repeats: int = 3) -> float:

@@ -94,7 +94,8 @@ def _hardware(engine: Engine, run: RunResult, workload: Workload) -> tuple[list[
     against reading the weights once at the measured copy bandwidth."""
     device, dtype = engine.runner.device, engine.runner.dtype
     flops = model_flops(engine.model_config, workload)
-    peak = matmul_flops_per_s(dtype, device)
+    peak, rates = matmul_flops_per_s(dtype, device)
+    fastest = max(rates, key=rates.get)
     forward = sum(run.extra["phases_s"].get(n, 0.0) for n in ("prefill forward",
                                                                "decode forward"))
     achieved, in_forward = flops / run.seconds, flops / forward
@@ -106,15 +107,18 @@ def _hardware(engine: Engine, run: RunResult, workload: Workload) -> tuple[list[
     lines = [f"hardware ({str(dtype).removeprefix('torch.')}, {device}):",
              f"  model work {flops / 1e9:.4g} GFLOP in {run.seconds:.2f} s: "
              f"{achieved / 1e9:.1f} GFLOP/s ({in_forward / 1e9:.1f} over forward time); a "
-             f"{m}x{k}x{n} matmul runs at {peak / 1e9:.1f} GFLOP/s: {achieved / peak:.0%} of "
-             f"it ({in_forward / peak:.0%} over forward time)",
+             f"{m}x{k}x{n} matmul runs at {peak / 1e9:.1f} GFLOP/s ({fastest}"
+             + "".join(f"; {name} {rate / 1e9:.1f}" for name, rate in rates.items()
+                       if name != fastest)
+             + f"): {achieved / peak:.0%} of it ({in_forward / peak:.0%} over forward time)",
              f"  decode at batch 1: {decode['forward_s'] * 1e3:.1f} ms forward per token "
              f"({decode['step_s'] * 1e3:.1f} ms whole step); reading the {weights / 1e6:.0f} MB "
              f"of weights once at the copy bandwidth ({bandwidth / 1e9:.1f} GB/s, read + write) "
              f"takes {read_s * 1e3:.1f} ms: {decode['forward_s'] / read_s:.2f}x that"]
     return lines, {"model_flops": flops, "achieved_flops_per_s": achieved,
                    "achieved_flops_per_s_forward": in_forward, "matmul_flops_per_s": peak,
-                   "matmul_shape": [m, k, n], "copy_bytes_per_s": bandwidth,
+                   "matmul_flops_per_s_by_call": rates, "matmul_shape": [m, k, n],
+                   "copy_bytes_per_s": bandwidth,
                    "weight_bytes": weights, "weights_read_s": read_s,
                    "decode_batch1_forward_s": decode["forward_s"],
                    "decode_batch1_step_s": decode["step_s"]}
