@@ -93,6 +93,43 @@ static inline vf loadv_bf16(const uint16_t *p) {
 }
 static inline void storev(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
+/* Two vectors from 2 * LANES elements (load2), and back to memory in element order (store2).
+ * bfloat16 under AVX-512: the even elements and the odd ones, widened by one load, a shift and a
+ * mask (no lane crossing, fewer instructions than two zero-extending loads); otherwise the
+ * first LANES and the next. Each element keeps its own lane from load to store,
+ * so the arithmetic of every element is the same either way. The tile loops take bfloat16
+ * vectors two at a time where they come in pairs (PAIRS), float32 one at a time. */
+#define PAIRS(T, n) (sizeof(T) == 2 && (n) % 2 == 0)
+static inline void load2_f32(const float *p, vf *a, vf *b) {
+    *a = loadv_f32(p);
+    *b = loadv_f32(p + LANES);
+}
+static inline void store2_f32(float *p, vf a, vf b) {
+    storev(p, a);
+    storev(p + LANES, b);
+}
+static inline void load2_bf16(const uint16_t *p, vf *a, vf *b) {
+#ifdef __AVX512F__
+    const __m512i u = _mm512_loadu_si512((const void *)p);
+    *a = (vf)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    *b = (vf)_mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+#else
+    *a = loadv_bf16(p);
+    *b = loadv_bf16(p + LANES);
+#endif
+}
+static inline void store2_bf16(float *p, vf a, vf b) {
+#ifdef __AVX512F__  /* a holds elements 0, 2, .., b 1, 3, ..: interleave them */
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                        24, 8);
+    storev(p, (vf)_mm512_permutex2var_ps((__m512)a, lo, (__m512)b));
+    storev(p + LANES, (vf)_mm512_permutex2var_ps((__m512)a, hi, (__m512)b));
+#else
+    store2_f32(p, a, b);
+#endif
+}
+
 /* Scores of one query against `nb` (1 or 2) K blocks [d][s]: out[t] = sum over i, in order, of
  * q[i] * K[i][t]. Vector accumulators where s is a multiple of LANES (constant, see SHAPE);
  * two blocks at once keep twice the independent adds in flight. */
@@ -192,15 +229,25 @@ static inline __attribute__((always_inline)) void NAME##_tile_scores(           
             for (int64_t v = 0; v < nv; v++) acc[k][b][v] = (vf){0};                          \
     for (int64_t i = 0; i < d; i++) {                                                         \
         for (int b = 0; b < nb; b++)                                                          \
-            for (int64_t v = 0; v < nv; v++) {                                                \
-                const vf kv = loadv_##NAME(blocks[b] + i * s + v * LANES);                    \
-                for (int k = 0; k < nq; k++) acc[k][b][v] = acc[k][b][v] + qs[k].q[i] * kv;   \
+            for (int64_t v = 0; v < nv; v += PAIRS(T, nv) ? 2 : 1) {                          \
+                vf kv, kw;  /* lanes of keys v * LANES.. (and the next LANES: see load2) */   \
+                if (PAIRS(T, nv)) load2_##NAME(blocks[b] + i * s + v * LANES, &kv, &kw);      \
+                else kv = loadv_##NAME(blocks[b] + i * s + v * LANES);                        \
+                for (int k = 0; k < nq; k++) {                                                \
+                    acc[k][b][v] = acc[k][b][v] + qs[k].q[i] * kv;                            \
+                    if (PAIRS(T, nv)) acc[k][b][v + 1] = acc[k][b][v + 1] + qs[k].q[i] * kw;  \
+                }                                                                             \
             }                                                                                 \
     }                                                                                         \
     for (int k = 0; k < nq; k++)                                                              \
-        for (int b = 0; b < nb; b++)                                                          \
-            for (int64_t v = 0; v < nv; v++)                                                  \
-                storev(sc + k * stride + (j + b) * s + v * LANES, acc[k][b][v]);              \
+        for (int b = 0; b < nb; b++) {                                                        \
+            float *out = sc + k * stride + (j + b) * s;                                       \
+            for (int64_t v = 0; v < nv; v += PAIRS(T, nv) ? 2 : 1) {                          \
+                if (PAIRS(T, nv))                                                             \
+                    store2_##NAME(out + v * LANES, acc[k][b][v], acc[k][b][v + 1]);           \
+                else storev(out + v * LANES, acc[k][b][v]);                                   \
+            }                                                                                 \
+        }                                                                                     \
 }                                                                                             \
 /* For every query, lanes [c, c + width) of out (width = CH vectors): the sum over its keys, in \
  * order across the splits, of w_k * V_k; each V vector feeds every query still seeing keys. */ \
@@ -221,8 +268,11 @@ static inline __attribute__((always_inline)) void NAME##_tile_values(           
             any = seen > any ? seen : any;                                                    \
         }                                                                                     \
         for (int64_t t = 0; t < any; t++) {                                                   \
-            vf vv[ACCS];                                                                      \
-            for (int v = 0; v < CH; v++) vv[v] = loadv_##NAME(vb + t * d + v * LANES);        \
+            vf vv[ACCS];  /* in load2's lanes where CH is even */                             \
+            for (int v = 0; v < CH; v += PAIRS(T, CH) ? 2 : 1) {                              \
+                if (PAIRS(T, CH)) load2_##NAME(vb + t * d + v * LANES, &vv[v], &vv[v + 1]);   \
+                else vv[v] = loadv_##NAME(vb + t * d + v * LANES);                            \
+            }                                                                                 \
             for (int k = 0; k < nq; k++) {                                                    \
                 if (t >= all && j * s + t >= qs[k].n) continue;                               \
                 const float w = sc[k * stride + j * s + t];                                   \
@@ -231,7 +281,11 @@ static inline __attribute__((always_inline)) void NAME##_tile_values(           
         }                                                                                     \
     }                                                                                         \
     for (int k = 0; k < nq; k++)                                                              \
-        for (int v = 0; v < CH; v++) storev(acc + k * d + c + v * LANES, sum[k][v]);          \
+        for (int v = 0; v < CH; v += PAIRS(T, CH) ? 2 : 1) {                                  \
+            if (PAIRS(T, CH))                                                                 \
+                store2_##NAME(acc + k * d + c + v * LANES, sum[k][v], sum[k][v + 1]);         \
+            else storev(acc + k * d + c + v * LANES, sum[k][v]);                              \
+        }                                                                                     \
 }
 
 DEFINE_TILE(f32, float)

@@ -130,6 +130,22 @@ def test_rows_do_not_depend_on_the_thread_count(dtype):
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
 
 
+@pytest.mark.parametrize("heads,kv_heads,d,split", [(16, 8, 128, 32), (4, 1, 64, 64),
+                                                    (4, 2, 32, 16), (6, 2, 48, 8)])
+def test_bfloat16_attention_is_attention(heads, kv_heads, d, split):
+    """bfloat16 K/V are widened in pairs of vectors (even and odd elements, put back in order)
+    where the kernel's vectors come in pairs: the result is still attention over the same keys
+    in the same places (every test above compares the kernel with itself)."""
+    length = 70
+    q, k, v = (_rand(length, h, d, seed=s, dtype=torch.bfloat16)
+               for s, h in ((1, heads), (2, kv_heads), (3, kv_heads)))
+    scale = d ** -0.5
+    out = cpu.causal_attention(q, k, v, scale, split)
+    reference = cpu._reference_causal(q.float(), k.float(), v.float(), scale)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, atol=2e-2, rtol=2e-2)
+
+
 def test_causal_attention_gradients_are_those_of_attention():
     length = 40
     q, k, v = (_rand(length, h, D, seed=s, dtype=torch.float32).requires_grad_()
