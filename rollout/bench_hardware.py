@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from kernels import cpu
 from rollout.bench_workload import Workload
 from rollout.config import ModelConfig
 
@@ -29,22 +30,19 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
 
 
 def matmul_flops_per_s(dtype: torch.dtype, device: torch.device,
-                       repeats: int = 3) -> tuple[float, dict[str, float]]:
-    """FLOP/s of one large matmul of this dtype, the peak to compare with: the fastest of the
-    calls the machine offers (torch's matmul, i.e. vendor BLAS; on the CPU also oneDNN's linear
-    on a weight packed once, the engine's own call). Returns it and each call's FLOP/s."""
+                       repeats: int = 3) -> dict[str, float]:
+    """FLOP/s of one large matmul of this dtype through each call the machine offers (torch's
+    matmul, i.e. vendor BLAS; on the CPU also oneDNN's linear on a weight packed once, the
+    engine's own call): the fastest is the peak to compare with."""
     m, k, n = MATMUL_SHAPE
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     calls = {"torch matmul": lambda: a @ b}
-    if device.type == "cpu":
-        from kernels import cpu
-        packed = cpu.pack_weight(b)
-        if packed is not None:
-            calls["oneDNN linear, packed weight"] = lambda: cpu.packed_mm(a, packed)
-    rates = {name: 2 * m * k * n / _best_seconds(call, device, repeats)
-             for name, call in calls.items()}
-    return max(rates.values()), rates
+    packed = cpu.pack_weight(b) if device.type == "cpu" else None
+    if packed is not None:
+        calls["oneDNN linear, packed weight"] = lambda: cpu.packed_mm(a, packed)
+    return {name: 2 * m * k * n / _best_seconds(call, device, repeats)
+            for name, call in calls.items()}
 
 
 def copy_bytes_per_s(device: torch.device, nbytes: int = 256 << 20, repeats: int = 3) -> float:

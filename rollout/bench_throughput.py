@@ -94,8 +94,9 @@ def _hardware(engine: Engine, run: RunResult, workload: Workload) -> tuple[list[
     against reading the weights once at the measured copy bandwidth."""
     device, dtype = engine.runner.device, engine.runner.dtype
     flops = model_flops(engine.model_config, workload)
-    peak, rates = matmul_flops_per_s(dtype, device)
+    rates = matmul_flops_per_s(dtype, device)
     fastest = max(rates, key=rates.get)
+    peak = rates[fastest]
     forward = sum(run.extra["phases_s"].get(n, 0.0) for n in ("prefill forward",
                                                                "decode forward"))
     achieved, in_forward = flops / run.seconds, flops / forward
