@@ -89,15 +89,10 @@ class Sampler:
                                  [specs[i] for i in rand])
         # log_softmax(x)[t] = z[t] - log(sum(exp(z))): bitwise the trainer's log_softmax element
         chosen = z.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total
-        top_k = max(s.top_logprobs for s in specs)
-        top = torch.topk(z - log_total.unsqueeze(1), top_k, dim=-1) if top_k else None
         token_list, chosen_list = tokens.tolist(), chosen.tolist()
         out = {}
         for i, s in enumerate(specs):
-            tops = None
-            if s.top_logprobs:
-                tops = dict(zip(top.indices[i, :s.top_logprobs].tolist(),
-                                top.values[i, :s.top_logprobs].tolist()))
+            tops = _top_logprobs(z[i] - log_total[i], s.top_logprobs) if s.top_logprobs else None
             out[s.seq_id] = Sample(token_list[i], chosen_list[i], tops)
         return out
 
@@ -108,6 +103,18 @@ class Sampler:
         z, _, total = self.softmax_parts(scaled)
         index = torch.tensor(targets, device=logits.device).unsqueeze(1)
         return (z.gather(1, index).squeeze(1) - torch.log(total)).tolist()
+
+
+def _top_logprobs(logprobs: torch.Tensor, k: int) -> dict[int, float]:
+    """The k largest log-probs of one row, highest first, ties broken by the lower token id
+    (torch.topk breaks ties differently for different k: bfloat16 logits tie often, and a row's
+    answer would depend on how many its batch mates asked for)."""
+    kth = torch.topk(logprobs, min(k, logprobs.numel())).values[-1]
+    above = torch.nonzero(logprobs > kth).squeeze(1)
+    tied = torch.nonzero(logprobs == kth).squeeze(1)[:k - above.numel()]
+    ids = torch.cat([above, tied])  # each part in token order; a stable sort keeps it for ties
+    values, order = torch.sort(logprobs[ids], descending=True, stable=True)
+    return dict(zip(ids[order].tolist(), values.tolist()))
 
 
 _CDF_BLOCK = 1024
@@ -157,7 +164,9 @@ def _truncate(probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     if bool((p < 1).any()):
         sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         cum = torch.cumsum(sorted_p, dim=-1)
-        drop_sorted = cum - sorted_p >= p.unsqueeze(1) * cum[:, -1:]
+        # only rows that ask for top-p: with p = 1 the test would still drop the tokens too
+        # small to move the rounded running sum, so a row's draw would depend on its batch mates
+        drop_sorted = (cum - sorted_p >= p.unsqueeze(1) * cum[:, -1:]) & (p < 1).unsqueeze(1)
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     min_p = torch.tensor([s.min_p for s in specs], device=probs.device, dtype=probs.dtype)

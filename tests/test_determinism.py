@@ -13,7 +13,9 @@ import textwrap
 import pytest
 import torch
 
+from kernels import cpu
 from rollout import Engine, SamplingParams
+from rollout.sampler import Sampler, SampleSpec, uniform
 
 TARGET = [(i * 37 + 11) % 512 for i in range(70)]
 MODES = {
@@ -151,3 +153,40 @@ def test_two_processes_give_identical_bytes(qwen3_path):
     digests = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               check=True).stdout.strip() for _ in range(2)]
     assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+def test_a_draw_does_not_depend_on_batch_mates_sampling_params():
+    """Top-p on a row with top_p=1 is not a no-op: it drops every token too small to move the
+    rounded running sum. A seeded top_p=1 request whose uniform lands in such a tail (a block of
+    tokens at -19 behind one at 0) must draw the same token alone and next to a top_p=0.9 one."""
+    seed = next(s for s in range(10**7) if uniform(s, 0) > 1 - 3e-5)
+    logits = torch.full((2, 8192), -19.0)
+    logits[:, 0] = 0.0
+
+    def spec(row: int, top_p: float) -> SampleSpec:
+        return SampleSpec(row=row, seq_id=row, temperature=1.0, top_k=0, top_p=top_p, min_p=0.0,
+                          seed=seed, position=0)
+
+    sampler = Sampler(cpu.softmax_parts)
+    alone = sampler(logits[:1], [spec(0, 1.0)])[0]
+    assert alone.token_id >= 1024  # the premise: the draw lands in the tail
+    for mate in (0.9, 1.0):
+        assert sampler(logits, [spec(0, 1.0), spec(1, mate)])[0] == alone
+
+
+def test_top_logprobs_do_not_depend_on_how_many_batch_mates_ask_for():
+    """bfloat16 logits tie often; torch.topk breaks ties differently for different k. A row's
+    top log-probs (ties by the lower token id) must be the same whatever its mates ask for."""
+    logits = torch.zeros(2, 4096)
+    logits[:, ::7] = 1.0  # 586 tokens tie for the top
+
+    def spec(row: int, top: int) -> SampleSpec:
+        return SampleSpec(row=row, seq_id=row, temperature=0, top_k=0, top_p=1.0, min_p=0.0,
+                          seed=0, position=0, top_logprobs=top)
+
+    sampler = Sampler(cpu.softmax_parts)
+    alone = sampler(logits[:1], [spec(0, 3)])[0].top_logprobs
+    assert list(alone) == [0, 7, 14]
+    for mate in (1, 3, 20, 600):
+        assert sampler(logits, [spec(0, 3), spec(1, mate)])[0].top_logprobs == alone
+    assert list(sampler(logits[:1], [spec(0, 600)])[0].top_logprobs)[584:588] == [4088, 4095, 1, 2]
