@@ -178,8 +178,11 @@ def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor, plan: Plan,
     packed copy where given (plan.twin: the same bits)."""
     if not plan.blas:
         return owned_mm(x, w_t)
+    chunks = plan.chunks(x.shape[0])
+    if len(chunks) == 1 and chunks[0][1] == chunks[0][2]:  # one tile, no padding
+        return blas_mm(x, w_t) if packed is None else packed_mm(x, packed)
     outs = []
-    for start, rows, tile in plan.chunks(x.shape[0]):
+    for start, rows, tile in chunks:
         part = x[start:start + tile]
         if rows < tile:  # the last tile, padded with zero rows
             part = F.pad(part, (0, 0, 0, tile - rows))
@@ -201,7 +204,7 @@ def rows_bmm(a: torch.Tensor, b: torch.Tensor, op: str) -> torch.Tensor:
     # one tile, no padding: the products go straight into out (not where a trainer
     # differentiates: autograd does not record products written into a given tensor)
     tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    whole = chunks == [(0, m, m)] and not tracked
+    whole = chunks == ((0, m, m),) and not tracked
     parts = []
     for start, rows, tile in chunks:
         part = a[:, start:start + rows]

@@ -51,6 +51,7 @@ class Plan:
     costs: tuple[float, ...] = ()
     twin: bool = False  # a second call (`prove_tiles`'s twin) gives every tile the same bits
     _best: dict = field(default_factory=dict, compare=False, repr=False)
+    _covers: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def blas(self) -> bool:
@@ -81,9 +82,16 @@ class Plan:
         if self.blas:
             self._choice(self.horizon)
 
-    def chunks(self, rows: int) -> list[tuple[int, int, int]]:
+    def chunks(self, rows: int) -> tuple[tuple[int, int, int], ...]:
         """(start, rows taken, tile) covering `rows` at the least measured cost: past a few
-        largest tiles, the tile with the cheapest row repeats; the rest is the cheapest cover."""
+        largest tiles, the tile with the cheapest row repeats; the rest is the cheapest cover.
+        Memoized per row count (every linear of a step asks for the same one)."""
+        got = self._covers.get(rows)
+        if got is None:
+            got = self._covers[rows] = tuple(self._cover(rows))
+        return got
+
+    def _cover(self, rows: int) -> list[tuple[int, int, int]]:
         horizon = self.horizon
         per_row = min(range(len(self.tiles)), key=lambda i: self._cost(i) / self.tiles[i])
         out, i = [], 0

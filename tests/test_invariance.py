@@ -63,8 +63,9 @@ def test_rows_are_cut_into_tiles_at_the_least_measured_cost():
     costs measured in the proof: one padded tile of 64 rather than 32+16+8+4 when a call of 64
     costs barely more than one of 4, the cheapest row for long runs, and always an exact cover."""
     plan = invariance.Plan((4, 8, 16, 32, 64, 128), (1.0, 1.1, 1.3, 1.8, 2.9, 6.0))
-    assert plan.chunks(60) == [(0, 60, 64)]
-    assert plan.chunks(3) == [(0, 3, 4)]
+    assert plan.chunks(60) == ((0, 60, 64),)
+    assert plan.chunks(3) == ((0, 3, 4),)
+    assert plan.chunks(60) is plan.chunks(60)  # worked out once
     long = plan.chunks(64 * 100 + 1)
     assert sorted(t for _, _, t in long) == [4] + [64] * 100
     for rows in range(1, 700):
