@@ -1,6 +1,8 @@
 from dataclasses import dataclass, field, fields
 
 MAX_TOP_LOGPROBS = 20
+# below it, logits / temperature can overflow float32 (inf - inf: NaN log-probs)
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class SamplingParams:
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
-            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf"),
+             "temperature", f"must be 0 (greedy) or finite and >= {MIN_TEMPERATURE}"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 or -1 disables it)"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),

@@ -264,7 +264,10 @@ def test_bad_request_is_refused_and_engine_keeps_serving(engine, prompt, params,
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (dict(temperature=-0.5), "temperature must be 0 \\(greedy\\) or finite and >= 1e-06, got -0.5"),
+    (dict(temperature=1e-45), "temperature must be 0 .* got 1e-45"),
+    (dict(temperature=float("inf")), "temperature must be 0 .* got inf"),
+    (dict(temperature=float("nan")), "temperature must be 0 .* got nan"),
     (dict(top_p=0.0), "top_p must be in \\(0, 1\\], got 0.0"),
     (dict(top_p=1.5), "top_p must be in \\(0, 1\\], got 1.5"),
     (dict(n=0), "n must be >= 1, got 0"),
