@@ -7,6 +7,7 @@ updates, memory release) all meet at the same scheduler, one step at a time.
 
 import asyncio
 import itertools
+import numbers
 import secrets
 import threading
 import warnings
@@ -217,10 +218,14 @@ class Engine:
                 raise ValueError(f"prompt {prompt[:40]!r} is a string, but the model at "
                                  f"{self.config.model!r} has no tokenizer; pass token ids")
             return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+        if not isinstance(prompt, (list, tuple)):
             raise ValueError(f"a prompt must be a string or a list of token ids, got "
                              f"{type(prompt).__name__}")
-        return None, list(prompt)
+        for i, t in enumerate(prompt):
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                raise ValueError(f"prompt token {i} is {t!r} ({type(t).__name__}): token ids are "
+                                 f"integers")
+        return None, [int(t) for t in prompt]
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
         if not token_ids:

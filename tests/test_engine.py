@@ -254,6 +254,9 @@ def test_strings_in_text_out(engine):
     ([1, -3], SamplingParams(), "token id -3 at position 1"),
     ([], SamplingParams(), "prompt is empty"),
     ([1] * 1000, SamplingParams(max_tokens=100), "exceeds the model's context of 1024"),
+    ([1, 2.5], SamplingParams(), "prompt token 1 is 2.5 \\(float\\): token ids are integers"),
+    ([True, 2], SamplingParams(), "prompt token 0 is True \\(bool\\)"),
+    ({1: 2}, SamplingParams(), "a prompt must be a string or a list of token ids, got dict"),
 ])
 def test_bad_request_is_refused_and_engine_keeps_serving(engine, prompt, params, message):
     with pytest.raises(ValueError, match=message):
