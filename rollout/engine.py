@@ -227,14 +227,17 @@ class Engine:
                                  f"integers")
         return None, [int(t) for t in prompt]
 
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        if not token_ids:
-            raise ValueError("prompt is empty: at least one token is needed")
+    def _check_ids(self, token_ids: list[int], what: str) -> None:
         vocab = self.model_config.vocab_size
         bad = [(i, t) for i, t in enumerate(token_ids) if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token id {bad[0][1]} at position {bad[0][0]} is out of range "
+            raise ValueError(f"{what} token id {bad[0][1]} at position {bad[0][0]} is out of range "
                              f"[0, {vocab})")
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        if not token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        self._check_ids(token_ids, "prompt")
         room = self.max_model_len - len(token_ids)
         if params.max_tokens is None:
             if room < 1:
@@ -370,7 +373,7 @@ class Engine:
         """Teacher-forced log-probs of each sequence's tokens from `response_start` on, in one
         pass through the same kernels as generation: what a trainer's old-log-prob recompute
         gives, and bitwise the log-probs generation returned for those tokens."""
-        sequences = [list(s) for s in sequences]
+        sequences = [self._tokenize(list(s))[1] for s in sequences]
         starts = ([response_start] * len(sequences) if isinstance(response_start, int)
                   else list(response_start))
         if len(starts) != len(sequences):
@@ -378,9 +381,11 @@ class Engine:
         params = SamplingParams(temperature=temperature, max_tokens=1, logprobs=True)
         prepared = []
         for i, (tokens, start) in enumerate(zip(sequences, starts)):
-            if not 1 <= start < len(tokens):
-                raise ValueError(f"response_start {start} of sequence {i} must be in "
+            if (not isinstance(start, numbers.Integral) or isinstance(start, bool)
+                    or not 1 <= start < len(tokens)):
+                raise ValueError(f"response_start {start!r} of sequence {i} must be an int in "
                                  f"[1, {len(tokens)}): at least one prompt and one response token")
+            self._check_ids(tokens, f"sequence {i}")
             self._validate(tokens[:-1], params)
             prepared.append((f"score-{next(self._ids)}", None, tokens, params))
         waiters = [_Waiter() for _ in prepared]

@@ -266,6 +266,19 @@ def test_bad_request_is_refused_and_engine_keeps_serving(engine, prompt, params,
     assert len(out[0].outputs[0].token_ids) == 3
 
 
+@pytest.mark.parametrize("sequence, start, message", [
+    ([1, 2, 3, 600], 2, "sequence 0 token id 600 at position 3 is out of range"),
+    ([1, 2, 3, -1], 2, "sequence 0 token id -1 at position 3"),
+    ([1, 2.5, 3], 1, "token 1 is 2.5 \\(float\\)"),
+    ([1, 2, 3], True, "response_start True of sequence 0 must be an int in \\[1, 3\\)"),
+    ([1, 2, 3], 3, "response_start 3 of sequence 0"),
+])
+def test_bad_score_request_is_refused_and_engine_keeps_serving(engine, sequence, start, message):
+    with pytest.raises(ValueError, match=message):
+        engine.score([sequence], start)
+    assert len(engine.score([[1, 2, 3, 4]], 2)[0]) == 2
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-0.5), "temperature must be 0 \\(greedy\\) or finite and >= 1e-06, got -0.5"),
     (dict(temperature=1e-45), "temperature must be 0 .* got 1e-45"),
