@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from integrations.http.protocol import MAX_N, StopString, Strict, TokenId
+from integrations.http.protocol import MAX_N, StopString, Strict, Temperature, TokenId
 from rollout import SamplingParams
 from rollout.sampling_params import MAX_TOP_LOGPROBS
 
@@ -20,7 +20,7 @@ class StreamOptions(Strict):
 
 class _Sampling(Strict):
     model: str
-    temperature: float = Field(1.0, ge=0)
+    temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: StopString | list[StopString] | None = None

@@ -7,15 +7,25 @@ that means "off", so a client learns which one it must drop.
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_validator,
+                      model_validator)
 
-from rollout.sampling_params import MAX_TOP_LOGPROBS
+from rollout.sampling_params import MAX_TOP_LOGPROBS, MIN_TEMPERATURE
 
 MAX_N = 1024  # samples per prompt; a bound on what one request may queue
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # cuda_graph: accepted, nothing to do
 
 TokenId = Annotated[int, Field(ge=0)]
 StopString = Annotated[str, Field(min_length=1)]
+
+
+def _temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (got {value})")
+    return value
+
+
+Temperature = Annotated[float, Field(ge=0), AfterValidator(_temperature)]
 
 
 class Strict(BaseModel):
@@ -26,7 +36,7 @@ class SglSamplingParams(Strict):
     """SGLang's `sampling_params`."""
     max_new_tokens: int | None = Field(128, ge=0, description="0: no generation (scoring only)")
     min_new_tokens: int = Field(0, ge=0)
-    temperature: float = Field(1.0, ge=0, description="0 is greedy")
+    temperature: Temperature = Field(1.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, ge=-1, description="-1 (or 0) is off")
     min_p: float = Field(0.0, ge=0, le=1)
