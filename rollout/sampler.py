@@ -90,11 +90,10 @@ class Sampler:
         # log_softmax(x)[t] = z[t] - log(sum(exp(z))): bitwise the trainer's log_softmax element
         chosen = z.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total
         token_list, chosen_list = tokens.tolist(), chosen.tolist()
-        out = {}
-        for i, s in enumerate(specs):
-            tops = _top_logprobs(z[i] - log_total[i], s.top_logprobs) if s.top_logprobs else None
-            out[s.seq_id] = Sample(token_list[i], chosen_list[i], tops)
-        return out
+        asked = [i for i, s in enumerate(specs) if s.top_logprobs]
+        tops = dict(zip(asked, _top_logprobs(z, log_total, asked, specs))) if asked else {}
+        return {s.seq_id: Sample(token_list[i], chosen_list[i], tops.get(i))
+                for i, s in enumerate(specs)}
 
 
     def score(self, logits: torch.Tensor, targets: list[int], temperature: float) -> list[float]:
@@ -105,16 +104,29 @@ class Sampler:
         return (z.gather(1, index).squeeze(1) - torch.log(total)).tolist()
 
 
-def _top_logprobs(logprobs: torch.Tensor, k: int) -> dict[int, float]:
-    """The k largest log-probs of one row, highest first, ties broken by the lower token id
-    (torch.topk breaks ties differently for different k: bfloat16 logits tie often, and a row's
-    answer would depend on how many its batch mates asked for)."""
-    kth = torch.topk(logprobs, min(k, logprobs.numel())).values[-1]
-    above = torch.nonzero(logprobs > kth).squeeze(1)
-    tied = torch.nonzero(logprobs == kth).squeeze(1)[:k - above.numel()]
-    ids = torch.cat([above, tied])  # each part in token order; a stable sort keeps it for ties
-    values, order = torch.sort(logprobs[ids], descending=True, stable=True)
-    return dict(zip(ids[order].tolist(), values.tolist()))
+def _top_logprobs(z: torch.Tensor, log_total: torch.Tensor, rows: list[int],
+                  specs: list[SampleSpec]) -> list[dict[int, float]]:
+    """Each row's k largest log-probs, highest first, ties by the lower token id. torch.topk
+    breaks ties differently for different k (bfloat16 logits tie often), so its order is not
+    used: one call at the largest k + 1 finds each row's set, and where tokens tie across a row's
+    cut (which of them are in?) the tied ones are taken in token order."""
+    if rows == list(range(z.shape[0])):
+        logprobs = z - log_total.unsqueeze(1)
+    else:
+        logprobs = z[rows] - log_total[rows].unsqueeze(1)
+    width = min(max(specs[i].top_logprobs for i in rows) + 1, logprobs.shape[1])
+    top = torch.topk(logprobs, width, dim=-1)
+    out = []
+    for j, (values, ids) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        k = specs[rows[j]].top_logprobs
+        pairs = list(zip(ids[:k], values[:k]))
+        if k < len(values) and values[k - 1] == values[k]:
+            cut = values[k - 1]
+            pairs = [(i, v) for i, v in pairs if v > cut]
+            tied = torch.nonzero(logprobs[j] == cut).squeeze(1)[:k - len(pairs)].tolist()
+            pairs += [(i, cut) for i in tied]
+        out.append(dict(sorted(pairs, key=lambda p: (-p[1], p[0]))))
+    return out
 
 
 _CDF_BLOCK = 1024

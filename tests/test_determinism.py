@@ -178,7 +178,8 @@ def test_top_logprobs_do_not_depend_on_how_many_batch_mates_ask_for():
     """bfloat16 logits tie often; torch.topk breaks ties differently for different k. A row's
     top log-probs (ties by the lower token id) must be the same whatever its mates ask for."""
     logits = torch.zeros(2, 4096)
-    logits[:, ::7] = 1.0  # 586 tokens tie for the top
+    logits[:, ::7] = 1.0  # 586 tokens tie for second place
+    logits[:, 4001] = 2.0
 
     def spec(row: int, top: int) -> SampleSpec:
         return SampleSpec(row=row, seq_id=row, temperature=0, top_k=0, top_p=1.0, min_p=0.0,
@@ -186,7 +187,8 @@ def test_top_logprobs_do_not_depend_on_how_many_batch_mates_ask_for():
 
     sampler = Sampler(cpu.softmax_parts)
     alone = sampler(logits[:1], [spec(0, 3)])[0].top_logprobs
-    assert list(alone) == [0, 7, 14]
-    for mate in (1, 3, 20, 600):
+    assert list(alone) == [4001, 0, 7]
+    for mate in (0, 1, 3, 20, 600):
         assert sampler(logits, [spec(0, 3), spec(1, mate)])[0].top_logprobs == alone
-    assert list(sampler(logits[:1], [spec(0, 600)])[0].top_logprobs)[584:588] == [4088, 4095, 1, 2]
+        assert sampler(logits, [spec(1, mate), spec(0, 3)])[0].top_logprobs == alone
+    assert list(sampler(logits[:1], [spec(0, 600)])[0].top_logprobs)[585:589] == [4088, 4095, 1, 2]
