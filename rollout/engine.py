@@ -238,6 +238,11 @@ class Engine:
         if not token_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         self._check_ids(token_ids, "prompt")
+        return self._fit(token_ids, params)
+
+    def _fit(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """`params` with max_tokens set where it was None, once the prompt and its response fit
+        the context and the KV cache."""
         room = self.max_model_len - len(token_ids)
         if params.max_tokens is None:
             if room < 1:
@@ -386,7 +391,7 @@ class Engine:
                 raise ValueError(f"response_start {start!r} of sequence {i} must be an int in "
                                  f"[1, {len(tokens)}): at least one prompt and one response token")
             self._check_ids(tokens, f"sequence {i}")
-            self._validate(tokens[:-1], params)
+            self._fit(tokens[:-1], params)
             prepared.append((f"score-{next(self._ids)}", None, tokens, params))
         waiters = [_Waiter() for _ in prepared]
         self._submit(prepared, waiters, score_from=starts, drive=True)
