@@ -134,10 +134,11 @@ class Engine:
             return
         samples, scores = self.runner.run(batch, self.model_config.eos_token_ids)
         with timer.span("postprocess"):
+            sampled = {s.request_id for s in batch.sampling}  # before postprocess advances them
             finished, copies = self.scheduler.postprocess(batch, samples, scores,
                                                           self.weight_version)
             self.runner.copy_blocks(copies)
-            self._emit({s.request_id for s in batch.sampling} | {s.request_id for s in finished})
+            self._emit(sampled | {s.request_id for s in finished})
 
     def _can_step(self) -> bool:
         return (not self._paused and self.weights.txn is None and self.weights.broken is None
@@ -238,6 +239,10 @@ class Engine:
         if not token_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         self._check_ids(token_ids, "prompt")
+        self._check_ids(params.stop_token_ids, "stop_token_ids")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings {params.stop!r} need the checkpoint's tokenizer, and "
+                             f"the model at {self.config.model!r} has none; pass stop_token_ids")
         return self._fit(token_ids, params)
 
     def _fit(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
@@ -267,8 +272,6 @@ class Engine:
                              f"{type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         params = self._validate(token_ids, params)
-        if request_id is not None and request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
         return request_id or f"req-{next(self._ids)}", text, token_ids, params
 
     def _submit(self, prepared: list, on_update: list, stream: bool = False,
@@ -277,6 +280,12 @@ class Engine:
         caller steps the engine itself (`_drive`); else the loop thread starts."""
         with self._control():
             self._check_can_generate()
+            ids = [request_id for request_id, *_ in prepared]
+            taken = [r for r in ids if r in self._requests] + [r for r in set(ids)
+                                                              if ids.count(r) > 1]
+            if taken:
+                raise ValueError(f"request id {taken[0]!r} is already in use")
+            requests = []  # all made before any is queued: all or nothing
             for k, ((request_id, text, token_ids, params), callback) in enumerate(
                     zip(prepared, on_update)):
                 seqs = []
@@ -288,9 +297,10 @@ class Engine:
                 seqs[0].forks = seqs[1:]
                 if score_from is not None:
                     seqs[0].score_from = score_from[k]
-                self._requests[request_id] = _Request(request_id, text, token_ids, seqs,
-                                                      callback, stream)
-                self.scheduler.add(seqs[0])
+                requests.append(_Request(request_id, text, token_ids, seqs, callback, stream))
+            for req in requests:
+                self._requests[req.request_id] = req
+                self.scheduler.add(req.seqs[0])
             if not drive:
                 self._kick()
 
@@ -357,9 +367,9 @@ class Engine:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (token-id lists or strings); outputs in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], numbers.Integral)):
+            prompts = [prompts]  # one prompt of token ids
         prompts = list(prompts)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             sampling_params = [sampling_params] * len(prompts)

@@ -1,3 +1,4 @@
+import numbers
 from dataclasses import dataclass, field, fields
 
 MAX_TOP_LOGPROBS = 20
@@ -28,6 +29,7 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self):
+        self._check_types()
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", [self.stop])
         object.__setattr__(self, "stop", list(self.stop or []))
@@ -48,13 +50,42 @@ class SamplingParams:
             (self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)"),
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
              f"must be in [0, {MAX_TOP_LOGPROBS}]"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-             "must be non-negative token ids"),
+            (all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
+                 for t in self.stop_token_ids), "stop_token_ids", "must be non-negative token ids"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
         ]
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "stop_token_ids", [int(t) for t in self.stop_token_ids])
+
+    def _check_types(self) -> None:
+        """Numbers of the right kind (numpy's included), as Python's: 2.5 samples or a float
+        seed would otherwise pass the range checks and fail inside a step."""
+        kinds = {"temperature": numbers.Real, "top_p": numbers.Real, "min_p": numbers.Real,
+                 "top_k": numbers.Integral, "max_tokens": numbers.Integral,
+                 "min_tokens": numbers.Integral, "n": numbers.Integral,
+                 "seed": numbers.Integral, "top_logprobs": numbers.Integral}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if value is None and name in ("max_tokens", "seed"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind):
+                what = "an integer" if kind is numbers.Integral else "a number"
+                raise ValueError(f"SamplingParams.{name} must be {what}, got {value!r} "
+                                 f"({type(value).__name__})")
+            object.__setattr__(self, name, int(value) if kind is numbers.Integral
+                               else float(value))
+        for name, value in (("stop", self.stop), ("stop_token_ids", self.stop_token_ids)):
+            if not (value is None or isinstance(value, (list, tuple))
+                    or (name == "stop" and isinstance(value, str))):
+                raise ValueError(f"SamplingParams.{name} must be a list, got {value!r}")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                hint = (" (top_logprobs=k asks for the k most likely tokens)"
+                        if name == "logprobs" else "")
+                raise ValueError(f"SamplingParams.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}{hint}")
 
     @property
     def greedy(self) -> bool:

@@ -157,9 +157,10 @@ class Scheduler:
         for seq, n in [*batch.prefills, *((s, 1) for s in batch.decodes)]:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
+            # every chunk's K/V counts: a prompt prefilled across an update mixes versions
+            seq.note_weight_version(weight_version)
             if seq.score_from is not None:
                 seq.logprobs += scores.get(seq.seq_id, [])
-                seq.note_weight_version(weight_version)
                 if seq.num_computed_tokens == seq.num_tokens:
                     self.finish(seq, "score")
                     finished.append(seq)
@@ -173,11 +174,15 @@ class Scheduler:
 
     def _fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
         partial = parent.num_computed_tokens % self.block_size != 0
-        if partial and self.block_manager.num_free_blocks == 0:
+        if (len(self.running) >= self.max_num_seqs
+                or (partial and self.block_manager.num_free_blocks == 0)):
             child.status = SequenceStatus.WAITING  # recomputed later, sharing full blocks
             self.waiting.appendleft(child)
             return []
         copy = self.block_manager.fork(parent, child)
+        # the parent's K/V, of the parent's weight versions (kept out of the cache with it)
+        child.cacheable = parent.cacheable
+        child.weight_versions = list(parent.weight_versions)
         child.num_cached_tokens = child.num_prompt_tokens
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
@@ -197,10 +202,13 @@ class Scheduler:
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             seq.stop_reason = token
             return "stop"
-        if params.stop and self.detokenize is not None:
+        if params.stop and seq.num_output_tokens > params.min_tokens:
             seq.text = self.detokenize(seq.output_token_ids)
+            # as vLLM: a stop string counts once it ends past the first min_tokens tokens
+            early = (len(self.detokenize(seq.output_token_ids[:params.min_tokens]))
+                     if params.min_tokens else 0)
             for stop in params.stop:
-                cut = seq.text.find(stop)
+                cut = seq.text.find(stop, max(0, early - len(stop) + 1))
                 if cut != -1:
                     seq.text, seq.stop_reason = seq.text[:cut], stop
                     return "stop"

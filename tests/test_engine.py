@@ -1,9 +1,13 @@
 """Engine behaviour: batching, preemption, chunked prefill, prefix sharing, sampling params,
 bad input."""
 
+import asyncio
 import json
 import shutil
+import threading
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +75,26 @@ def test_later_requests_reuse_cached_prefix_blocks(engine):
 
 # ------------------------------------------------------------------ sampling parameters
 
+def test_samples_of_a_group_respect_max_num_seqs(qwen3_path, engine):
+    small = Engine(str(qwen3_path), block_size=16, num_kv_blocks=256, max_num_seqs=2)
+    params = SamplingParams(n=6, seed=3, max_tokens=5, ignore_eos=True)
+    small.pause_generation("in_place")
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(out=small.generate(
+        [[1, 2, 3]], params, use_tqdm=False)))
+    thread.start()
+    while not small.scheduler.has_work():
+        time.sleep(0.002)
+    widest = 0
+    while small.scheduler.has_work():
+        small.step()
+        widest = max(widest, len(small.scheduler.running))
+    small.continue_generation()
+    thread.join(timeout=60)
+    assert widest == 2
+    assert tokens(box["out"]) == tokens(engine.generate([[1, 2, 3]], params, use_tqdm=False))
+
+
 def test_top_k_one_equals_greedy(engine):
     prompts = prompts_of([9, 33], seed=1)
     greedy = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
@@ -118,6 +142,21 @@ def test_stop_string_truncates_text(engine):
                           use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert stop not in out.text and free.text.startswith(out.text)
+
+
+def test_stop_strings_wait_for_min_tokens(engine):
+    """As vLLM: a stop string ends a response only where it ends past the first min_tokens
+    tokens' text."""
+    prompt = prompts_of([25], seed=8)[0]
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16),
+                           use_tqdm=False)[0].outputs[0]
+    stop = next(ch for ch in free.text if ch.strip() and ch != "\ufffd")
+    early = len(engine.tokenizer.decode(free.token_ids[:6]))
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, stop=[stop],
+                                                   min_tokens=6), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) > 6 and out.token_ids == free.token_ids[:len(out.token_ids)]
+    at = free.text.find(stop, early - len(stop) + 1)
+    assert out.text == (free.text[:at] if at != -1 else free.text)
 
 
 def eos_checkpoint(src, dst, eos: int):
@@ -257,6 +296,8 @@ def test_strings_in_text_out(engine):
     ([1, 2.5], SamplingParams(), "prompt token 1 is 2.5 \\(float\\): token ids are integers"),
     ([True, 2], SamplingParams(), "prompt token 0 is True \\(bool\\)"),
     ({1: 2}, SamplingParams(), "a prompt must be a string or a list of token ids, got dict"),
+    ([1, 2], SamplingParams(min_tokens=2, stop_token_ids=[600]),
+     "stop_token_ids token id 600 at position 0 is out of range"),
 ])
 def test_bad_request_is_refused_and_engine_keeps_serving(engine, prompt, params, message):
     with pytest.raises(ValueError, match=message):
@@ -289,10 +330,57 @@ def test_bad_score_request_is_refused_and_engine_keeps_serving(engine, sequence,
     (dict(n=0), "n must be >= 1, got 0"),
     (dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
     (dict(min_p=2.0), "min_p must be in \\[0, 1\\], got 2.0"),
+    (dict(n=2.5), "n must be an integer, got 2.5 \\(float\\)"),
+    (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(top_k=True), "top_k must be an integer, got True \\(bool\\)"),
+    (dict(max_tokens=2.5), "max_tokens must be an integer"),
+    (dict(top_logprobs=2.5), "top_logprobs must be an integer"),
+    (dict(temperature="1"), "temperature must be a number, got '1'"),
+    (dict(logprobs=5), "logprobs must be True or False, got 5 \\(top_logprobs=k"),
+    (dict(stop_token_ids=7), "stop_token_ids must be a list, got 7"),
 ])
 def test_bad_sampling_params_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_a_bad_request_in_a_batch_queues_none_of_it(engine):
+    with pytest.raises(ValueError, match="stop_token_ids token id 512"):
+        engine.generate([[1, 2, 3], [4, 5, 6]],
+                        [SamplingParams(max_tokens=300, ignore_eos=True),
+                         SamplingParams(stop_token_ids=[512])], use_tqdm=False)
+    assert not engine.scheduler.has_work()
+
+
+def test_a_request_id_in_use_is_refused_and_the_first_request_kept(engine):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = engine.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids
+
+    async def run():
+        first = asyncio.ensure_future(engine.generate_async([1, 2, 3], params, request_id="r"))
+        await asyncio.sleep(0)
+        with pytest.raises(ValueError, match="request id 'r' is already in use"):
+            await engine.generate_async([4, 5], params, request_id="r")
+        return await first
+    out = asyncio.run(run()).outputs[0]
+    assert out.finish_reason == "length" and out.token_ids == want
+
+
+def test_a_stream_yields_every_token_as_it_comes(engine):
+    async def run():
+        return [len(out.outputs[0].token_ids) async for out in engine.generate_stream(
+            [1, 2, 3], SamplingParams(max_tokens=5, seed=1, ignore_eos=True))]
+    assert asyncio.run(run()) == [1, 2, 3, 4, 5]
+
+
+def test_numpy_token_ids_are_one_prompt(engine):
+    ids = np.array([7, 8, 9])
+    want = engine.generate([[7, 8, 9]], SamplingParams(temperature=0, max_tokens=2),
+                           use_tqdm=False)[0].outputs[0].token_ids
+    for prompt in (list(ids), tuple(ids.tolist())):
+        out = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=2),
+                              use_tqdm=False)
+        assert len(out) == 1 and out[0].outputs[0].token_ids == want
 
 
 def test_unknown_keyword_is_named():
@@ -308,6 +396,8 @@ def test_string_prompt_without_tokenizer(qwen3_path, tmp_path):
     engine = Engine(str(bare), num_kv_blocks=16)
     with pytest.raises(ValueError, match="has no tokenizer; pass token ids"):
         engine.generate("hi", use_tqdm=False)
+    with pytest.raises(ValueError, match="stop strings \\['a'\\] need the checkpoint's tokenizer"):
+        engine.generate([[5, 6]], SamplingParams(stop=["a"]), use_tqdm=False)
     assert engine.generate([[5, 6]], SamplingParams(max_tokens=2), use_tqdm=False)
 
 

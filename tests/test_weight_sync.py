@@ -296,6 +296,32 @@ def test_in_place_pause_then_update_says_the_weights_were_mixed(engine, qwen3_pa
     assert all(o.outputs[0].cached_tokens == 0 for o in again)
 
 
+def test_update_between_prefill_chunks_of_a_group(qwen3_path):
+    """An update lands after the first chunk of an n=2 group's prompt: both samples say their
+    K/V mixed two versions, and none of it (the parent's blocks, which the sibling shares) may
+    serve a later request."""
+    engine = Engine(str(qwen3_path), num_kv_blocks=64, block_size=16,
+                    max_num_batched_tokens=32)
+    prompt = list(range(10, 110))
+    engine.pause_generation("in_place")
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(out=engine.generate(
+        [prompt], SamplingParams(temperature=0, n=2, max_tokens=4, ignore_eos=True),
+        use_tqdm=False)))
+    thread.start()
+    while not engine.scheduler.has_work():
+        time.sleep(0.002)
+    engine.step()  # the prompt's first 32 tokens, at version 0
+    model = trained(qwen3_path, 14)
+    engine.update_weights(model.named_parameters())
+    engine.continue_generation()
+    thread.join(timeout=120)
+    assert [c.weight_versions for c in box["out"][0].outputs] == [[0, 1], [0, 1]]
+    again = engine.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert again.cached_tokens == 0
+    assert_matches(model, [prompt], [[again.token_ids, again.logprobs]])
+
+
 def test_update_drops_prefix_cache_entries_of_older_weights(engine, qwen3_path):
     prompt = list(range(50, 120))
     engine.generate([prompt], GREEDY, use_tqdm=False)
