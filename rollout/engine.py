@@ -28,7 +28,8 @@ from rollout.sampling_params import SamplingParams
 from rollout.scheduler import Scheduler
 from rollout.sequence import Sequence
 from rollout.tokenizer import load_tokenizer
-from weight_sync.buckets import DEFAULT_BUCKET_BYTES, Bucket, TensorMeta, dtype_name
+from weight_sync.buckets import (DEFAULT_BUCKET_BYTES, Bucket, TensorMeta, dtype_from_name,
+                                 dtype_name)
 
 PAUSE_MODES = ("abort", "retract", "in_place")
 MEMORY_TAGS = ("weights", "kv_cache")
@@ -470,7 +471,7 @@ class Engine:
         Stepping stops until it commits; transports call this, then load and commit.
         Released weights are taken back first (restored from a backup if there is one)."""
         with self._control():
-            self.weights.validate(manifest)
+            self.weights.check_begin(version, manifest)  # a refusal takes no memory back
             self._resume_weights()
             self.weights.begin(version, manifest)
 
@@ -542,33 +543,54 @@ class Engine:
                                         group_name: str, version: int | str | None = None,
                                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int | str:
         """Receive the trainer's broadcast of these tensors (same order, same bucket size as the
-        trainer's `WeightUpdateGroup.send`). A refused manifest still drains the broadcast, so
-        the trainer never hangs, then raises."""
+        trainer's `WeightUpdateGroup.send`). A refused update still takes the whole broadcast,
+        so that the trainer never hangs and the next update's bytes are the next update's; where
+        the broadcast cannot be followed (a manifest with no sizes, a broken collective) the
+        group is closed, and the error says to make it again."""
         group = self._groups.get(group_name)
         if group is None:
             raise ValueError(f"no weight update group {group_name!r}; "
                              f"groups: {sorted(self._groups)}")
-        manifest = [TensorMeta(n, d if isinstance(d, str) else dtype_name(d), tuple(s))
-                    for n, d, s in zip(names, dtypes, shapes, strict=True)]
+        try:
+            manifest = _manifest(names, dtypes, shapes)
+        except ValueError as e:
+            self._close_group(group_name)
+            raise ValueError(f"{e}; without sizes this engine cannot follow the broadcast, so "
+                             f"group {group_name!r} is closed: init_weights_update_group again"
+                             ) from None
+        refused = None
         try:
             self.begin_weight_update(version, manifest)
-        except ValueError:
-            for _ in group.receive(manifest, bucket_bytes):
-                pass
-            raise
+        except (ValueError, RuntimeError) as e:
+            refused = e
         try:
             for bucket in group.receive(manifest, bucket_bytes):
-                self.load_weights(bucket)
+                if refused is None:
+                    try:
+                        self.load_weights(bucket)
+                    except Exception as e:
+                        self.abort_weight_update(f"{type(e).__name__} while loading")
+                        refused = e
         except BaseException as e:
-            self.abort_weight_update(f"{type(e).__name__} during the broadcast")
-            raise
+            if refused is None:
+                self.abort_weight_update(f"{type(e).__name__} during the broadcast")
+            self._close_group(group_name)
+            raise RuntimeError(f"the broadcast of group {group_name!r} failed ({type(e).__name__}:"
+                               f" {e}); the group is closed: init_weights_update_group again"
+                               ) from e
+        if refused is not None:
+            raise refused
         return self.commit_weight_update()
 
-    def destroy_weights_update_group(self, group_name: str) -> None:
+    def _close_group(self, group_name: str) -> None:
         group = self._groups.pop(group_name, None)
-        if group is None:
+        if group is not None:
+            group.destroy()
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        if group_name not in self._groups:
             raise ValueError(f"no weight update group {group_name!r}")
-        group.destroy()
+        self._close_group(group_name)
 
     def shutdown(self) -> None:
         """Stop the weight receiver and leave update groups (requests in flight are aborted)."""
@@ -609,6 +631,9 @@ class Engine:
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"pause mode {pause_mode!r} is not one of {', '.join(PAUSE_MODES)}")
         with self._control():
+            if "weights" in tags and self.weights.txn is not None:
+                raise RuntimeError(f"an update to weight version {self.weights.txn.version} is "
+                                   "open: release the weights after it commits or aborts")
             busy = self.scheduler.has_work()
             if busy and pause_mode == "in_place" and "kv_cache" in tags:
                 raise ValueError("pause_mode='in_place' cannot keep requests across a kv_cache "
@@ -653,6 +678,20 @@ class Engine:
             "released": {tag: 0 if arena.resident else arena.nbytes
                          for tag, arena in arenas.items()},
         }
+
+
+def _manifest(names: list[str], dtypes: list, shapes: list) -> list[TensorMeta]:
+    """A broadcast's manifest from SGLang's three lists, each entry with a known size."""
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ValueError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes "
+                         f"({len(shapes)}) differ in length")
+    manifest = [TensorMeta(n, d if isinstance(d, str) else dtype_name(d), tuple(s))
+                for n, d, s in zip(names, dtypes, shapes)]
+    for m in manifest:
+        dtype_from_name(m.dtype)  # an unknown dtype is refused here, by name
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m.shape):
+            raise ValueError(f"{m.name}: shape {list(m.shape)} is not a list of sizes")
+    return manifest
 
 
 class _Sink:

@@ -27,7 +27,7 @@ class IncompleteWeightsError(RuntimeError):
 @dataclass
 class _Transaction:
     version: Version
-    names: set[str]
+    metas: dict[str, TensorMeta]  # the manifest, checked: every tensor loaded must match it
     loaded: set[str] = field(default_factory=set)
 
 
@@ -41,6 +41,7 @@ class Incomplete:
 class WeightStore:
     def __init__(self, targets: dict[str, WeightTarget], tied: bool):
         self.targets = targets
+        self.tied = tied
         # names a trainer's named_parameters() holds (a tied lm_head is the embedding itself)
         self.canonical = sorted(n for n in targets if not (tied and n == "lm_head.weight"))
         self.version: Version = 0
@@ -67,7 +68,7 @@ class WeightStore:
                     problems.append(f"{m.name}: dtype {m.dtype} is not a floating-point type")
             seen.add(m.name)
         if self.broken is not None:
-            missing = sorted(self.broken.dirty - seen)
+            missing = sorted(self.broken.dirty - {self._tensor(n) for n in seen})
             if missing:
                 problems.append(f"{len(missing)} tensors are not usable ({self.broken.message}) "
                                 f"and this update does not rewrite them: {missing[:8]}"
@@ -76,12 +77,22 @@ class WeightStore:
             raise ValueError(f"weight update refused, weights untouched; {len(problems)} "
                              "problem(s):\n  " + "\n  ".join(problems))
 
-    def begin(self, version: Version | None, manifest: list[TensorMeta]) -> None:
+    def check_begin(self, version: Version | None, manifest: list[TensorMeta]) -> Version:
+        """Whether an update may begin (no other open, a valid version and manifest): the
+        version it would commit, or an error; changes nothing."""
         if self.txn is not None:
             raise RuntimeError(f"an update to version {self.txn.version} is already open")
         version = self._next_version(version)
         self.validate(manifest)
-        self.txn = _Transaction(version, {m.name for m in manifest})
+        return version
+
+    def begin(self, version: Version | None, manifest: list[TensorMeta]) -> None:
+        version = self.check_begin(version, manifest)
+        self.txn = _Transaction(version, {m.name: m for m in manifest})
+
+    def _tensor(self, name: str) -> str:
+        """The canonical name of the tensor `name` writes (a tied lm_head: the embedding)."""
+        return "model.embed_tokens.weight" if self.tied and name == "lm_head.weight" else name
 
     def _next_version(self, version: Version | None) -> Version:
         """The given version (an int or a non-empty string), else the current one plus 1."""
@@ -109,20 +120,21 @@ class WeightStore:
             raise RuntimeError("load outside an update: begin one first")
         forget_packed_weights()  # copies of the old bytes
         for name, tensor in named_tensors:
-            if name not in txn.names:
+            meta = txn.metas.get(name)
+            if meta is None:
                 raise ValueError(f"{name!r} is not in this update's manifest")
-            target = self.targets[name]
-            if tuple(tensor.shape) != target.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the model has "
-                                 f"{target.shape}")
-            target.view().copy_(tensor, non_blocking=True)
+            got = TensorMeta.of(name, tensor)
+            if (got.dtype, got.shape) != (meta.dtype, tuple(meta.shape)):
+                raise ValueError(f"{name}: {got.dtype} {list(got.shape)} arrived, the manifest "
+                                 f"said {meta.dtype} {list(meta.shape)}")
+            self.targets[name].view().copy_(tensor, non_blocking=True)
             txn.loaded.add(name)
 
     def commit(self) -> Version:
         txn = self.txn
         if txn is None:
             raise RuntimeError("commit outside an update")
-        missing = sorted(txn.names - txn.loaded)
+        missing = sorted(set(txn.metas) - txn.loaded)
         if missing:
             self.abort(f"commit with {len(missing)} tensors of the manifest never sent")
             raise ValueError(f"update to version {txn.version} is incomplete: "
@@ -138,7 +150,8 @@ class WeightStore:
         txn, self.txn = self.txn, None
         if txn is None or not txn.loaded:
             return  # nothing was written: the weights are still the last version
-        dirty = txn.loaded | (self.broken.dirty if self.broken else set())
+        dirty = ({self._tensor(n) for n in txn.loaded}
+                 | (self.broken.dirty if self.broken else set()))
         self.broken = Incomplete(dirty, f"the update to version {txn.version} broke ({reason}) "
                                         f"after writing {len(txn.loaded)} tensors")
 
@@ -158,9 +171,7 @@ class WeightStore:
         transaction as any update."""
         from rollout.loader import checkpoint_manifest, iter_checkpoint
         manifest = checkpoint_manifest(path)
-        missing = sorted(set(self.canonical) - {m.name for m in manifest}
-                         - ({"model.embed_tokens.weight"} if "lm_head.weight" in
-                            {m.name for m in manifest} else set()))
+        missing = sorted(set(self.canonical) - {self._tensor(m.name) for m in manifest})
         if missing:
             raise ValueError(f"checkpoint {str(path)!r} lacks {len(missing)} tensors the model "
                              f"needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -194,6 +194,154 @@ def test_gloo_group_one_trainer_two_engines(qwen3_path):
     assert results[0]["outputs"] == results[1]["outputs"]
 
 
+def _trainer_in_thread(port: int, named: list, box: dict) -> threading.Thread:
+    def run():
+        try:
+            group = weight_sync.WeightUpdateGroup("127.0.0.1", port, 0, 2, "sync", "gloo",
+                                                  timeout_s=60)
+            group.send(named, bucket_bytes=1 << 16)
+            box["sent"] = True
+        except Exception as e:
+            box["error"] = e
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_gloo_update_that_cannot_be_followed_closes_the_group(engine, qwen3_path):
+    """A manifest the engine cannot size (an unknown dtype) means it cannot take the broadcast:
+    the group is closed at once (the trainer's send fails, not hangs, and no later update
+    can take this one's bytes), and a new group updates as usual."""
+    named = list(trained(qwen3_path, 17).named_parameters())
+    names, shapes = [n for n, _ in named], [list(t.shape) for _, t in named]
+    port, box = free_port(), {}
+    trainer = _trainer_in_thread(port, named, box)
+    engine.init_weights_update_group("127.0.0.1", port, 1, 2, "sync")
+    with pytest.raises(ValueError, match="unknown dtype 'float33'.*group 'sync' is closed"):
+        engine.update_weights_from_distributed(names, ["float33"] * len(names), shapes, "sync")
+    trainer.join(timeout=20)
+    assert not trainer.is_alive() and "error" in box
+    assert engine.weight_version == 0
+    model = trained(qwen3_path, 18)
+    named = list(model.named_parameters())
+    port, box = free_port(), {}
+    trainer = _trainer_in_thread(port, named, box)
+    engine.init_weights_update_group("127.0.0.1", port, 1, 2, "sync")
+    assert engine.update_weights_from_distributed(names, ["float32"] * len(names), shapes,
+                                                  "sync", version=5, bucket_bytes=1 << 16) == 5
+    trainer.join(timeout=20)
+    assert box == {"sent": True}
+    assert engine.weights_checksum() == weight_sync.checksum(named)
+
+
+def test_a_malformed_zmq_message_is_answered_and_the_receiver_keeps_serving(engine, qwen3_path):
+    import msgpack
+    import zmq
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        model = trained(qwen3_path, 19)
+        named = dict(model.named_parameters())
+        opening = {"op": "begin", "version": 4,
+                   "manifest": [weight_sync.TensorMeta.of(n, t).to_wire()
+                                for n, t in named.items()]}
+        for frames, error in [([b"", msgpack.packb(opening)], None),  # an update left open
+                              ([b"x"], "got 1 frame"), ([b"", b"\xc1"], "header is not msgpack"),
+                              ([b"", msgpack.packb([1])], "must be a msgpack map")]:
+            sock.send_multipart(frames)
+            assert sock.poll(10_000)
+            reply = msgpack.unpackb(sock.recv_multipart()[-1])
+            assert reply["ok"] if error is None else error in reply["error"]
+    finally:
+        sock.close()
+        ctx.term()
+    with weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as sender:
+        assert sender.send(named.items(), version=4) == 4
+    assert_matches(model, PROMPTS, generated(engine))
+
+
+def test_a_tensor_unlike_its_manifest_is_refused_before_it_lands(engine):
+    before = engine.weights_checksum()
+    name, shape = "model.norm.weight", (128,)
+    metas = [weight_sync.TensorMeta(name, "float32", shape)]
+    for tensors, message in [
+            ([(name, torch.ones(shape, dtype=torch.int32))],
+             "int32 \\[128\\] arrived, the manifest said float32 \\[128\\]"),
+            (weight_sync.buckets.unpack(torch.zeros(256, dtype=torch.uint8), metas),
+             "a bucket of 256 bytes cannot hold its tensors \\(512 bytes")]:
+        engine.begin_weight_update(1, metas)
+        with pytest.raises(ValueError, match=message):
+            engine.load_weights(tensors)
+        engine.abort_weight_update("refused")
+        assert engine.weights_checksum() == before and engine.weights.broken is None
+    assert engine.generate([[1, 2]], GREEDY, use_tqdm=False)[0].outputs[0].weight_version == 0
+
+
+def test_tied_embedding_written_by_either_name_counts_once(checkpoints):
+    """A broken update that wrote the tied lm_head (the embedding) is repaired by an update
+    naming the embedding, and discarded weights by one naming lm_head."""
+    engine = Engine(str(checkpoints("llama-tied")), num_kv_blocks=64)
+    model = trained(checkpoints("llama-tied"), 20)
+    named = dict(model.named_parameters())
+    alias = {("lm_head.weight" if n == "model.embed_tokens.weight" else n): t
+             for n, t in named.items()}
+    engine.begin_weight_update(1, [weight_sync.TensorMeta.of("lm_head.weight",
+                                                             named["model.embed_tokens.weight"])])
+    engine.load_weights([("lm_head.weight", named["model.embed_tokens.weight"] * 0)])
+    engine.abort_weight_update("the sender died")
+    assert engine.update_weights(named.items(), version=2) == 2
+    engine.release_memory(weights="discard")
+    engine.resume_memory()
+    assert engine.update_weights(alias.items(), version=3) == 3
+    assert engine.weights_checksum() == weight_sync.checksum(named.items())
+
+
+def test_release_is_refused_inside_an_update_and_a_refused_update_leaves_memory_released(
+        engine):
+    metas = [weight_sync.TensorMeta("model.norm.weight", "float32", (128,))]
+    engine.begin_weight_update(1, metas)
+    with pytest.raises(RuntimeError, match="an update to weight version 1 is open"):
+        engine.release_memory()
+    engine.abort_weight_update("done")
+    engine.release_memory()
+    with pytest.raises(ValueError, match="must be an int or a non-empty string"):
+        engine.begin_weight_update(1.5, metas)
+    assert engine.memory_stats()["weights"] == 0
+    engine.resume_memory()
+    assert engine.generate([[1, 2]], GREEDY, use_tqdm=False)[0].outputs[0].weight_version == 0
+
+
+def test_a_handle_pickle_may_not_set_attributes_of_torch_classes():
+    """Naming only allowed classes, a pickle's BUILD op would set attributes on the class
+    itself (here: the method torch's file_system sharing calls), for the whole process."""
+    from weight_sync import safe_pickle
+    method = torch.UntypedStorage._new_shared_filename_cpu
+    attack = (b"\x80\x02ctorch.storage\nUntypedStorage\n"
+              b"N}X\x18\x00\x00\x00_new_shared_filename_cpuNs\x86b.")
+    with pytest.raises(Exception, match="refused to set attributes of UntypedStorage"):
+        safe_pickle.loads(attack)
+    assert torch.UntypedStorage._new_shared_filename_cpu is method
+
+
+def test_an_untied_checkpoint_without_its_embedding_is_refused(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = Path(checkpoints("llama-untied"))
+    dst = tmp_path / "no-embedding"
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 tensors the model needs: "
+                                         "\\['model.embed_tokens.weight'\\]"):
+        Engine(str(dst), num_kv_blocks=16)
+
+
 def test_update_from_disk(engine, qwen3_path, tmp_path):
     before = pointers(engine)
     model = trained(qwen3_path, 6)

@@ -103,7 +103,11 @@ def pack(named: dict[str, torch.Tensor], metas: list[TensorMeta],
 
 
 def unpack(buffer: torch.Tensor, metas: list[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Views into `buffer` (no copy)."""
+    """Views into `buffer` (no copy); a buffer too short for them is refused before the first."""
+    need = bucket_size(metas)
+    if buffer.numel() < need:
+        raise ValueError(f"a bucket of {buffer.numel()} bytes cannot hold its tensors "
+                         f"({need} bytes: {metas[0].name} ... {metas[-1].name})")
     for m in metas:
         raw = buffer[m.offset:m.offset + m.nbytes]
         yield m.name, raw.view(dtype_from_name(m.dtype)).view(m.shape)

@@ -3,7 +3,10 @@
 A pickle calls whatever names it holds, so a handle (CUDA IPC, torch's file-system sharing) that
 arrives over a socket is loaded by an unpickler that resolves only torch's tensor and storage
 rebuild functions, torch dtypes, `torch.Size` and the storage classes, plus names a caller adds;
-any other name is refused before anything runs.
+any other name is refused before anything runs. A pickle also sets attributes (its BUILD op)
+on whatever object it has made or named, a class included (`torch.UntypedStorage`'s methods,
+for every later caller in the process): that is refused too, except on instances of the
+classes a caller lists as buildable (a plain metadata record).
 """
 
 import io
@@ -39,10 +42,21 @@ class RefusedName(pickle.UnpicklingError):
         self.module, self.name = module, name
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, allowed: dict):
+class _Unpickler(pickle._Unpickler):  # the Python one: its BUILD can be checked (handles are
+    # small, its speed does not matter)
+    def __init__(self, file, allowed: dict, buildable: tuple[type, ...]):
         super().__init__(file)
-        self.allowed = allowed
+        self.allowed, self.buildable = allowed, buildable
+
+    def load_build(self):
+        target = self.stack[-2]
+        if type(target) not in self.buildable:
+            what = target.__name__ if isinstance(target, type) else type(target).__name__
+            raise pickle.UnpicklingError(f"refused to set attributes of {what}: only "
+                                         "metadata records may be built")
+        super().load_build()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
     def find_class(self, module: str, name: str):
         found = self.allowed.get((module, name))
@@ -54,6 +68,7 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refused a persistent id: only plain pickles are loaded")
 
 
-def loads(raw: bytes, extra: dict | None = None):
-    """The object in `raw`, resolving only TENSOR_NAMES and `extra` ((module, name) -> value)."""
-    return _Unpickler(io.BytesIO(raw), {**TENSOR_NAMES, **(extra or {})}).load()
+def loads(raw: bytes, extra: dict | None = None, buildable: tuple[type, ...] = ()):
+    """The object in `raw`, resolving only TENSOR_NAMES and `extra` ((module, name) -> value);
+    only instances of `buildable` may have their attributes set."""
+    return _Unpickler(io.BytesIO(raw), {**TENSOR_NAMES, **(extra or {})}, buildable).load()

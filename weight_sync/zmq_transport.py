@@ -245,17 +245,33 @@ class ZmqWeightReceiver:
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(100):
-                if self._open and time.monotonic() - self._last > self.timeout_s:
-                    self._abort(f"the sender sent nothing for {self.timeout_s:g} s")
-                continue
-            ident, _, header, *frames = self._sock.recv_multipart(copy=False)
-            try:
-                reply = self._handle(msgpack.unpackb(header.bytes), frames)
-            except Exception as e:  # answer every request; the engine keeps serving
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            self._sock.send_multipart([ident, b"", msgpack.packb(reply)])
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    if self._open and time.monotonic() - self._last > self.timeout_s:
+                        self._abort(f"the sender sent nothing for {self.timeout_s:g} s")
+                    continue
+                ident, *parts = self._sock.recv_multipart(copy=False)
+                try:
+                    reply = self._handle_message(parts)
+                except Exception as e:  # answer every request; the engine keeps serving
+                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                self._sock.send_multipart([ident, b"", msgpack.packb(reply)])
+        finally:
+            if self._open:  # never leave the engine waiting on an update nobody can finish
+                self._abort("the weight receiver stopped")
+
+    def _handle_message(self, parts: list) -> dict:
+        if len(parts) < 2 or parts[0].bytes:
+            raise ValueError(f"a message is an empty delimiter frame, a msgpack header and "
+                             f"data frames; got {len(parts)} frame(s) after the identity")
+        try:
+            header = msgpack.unpackb(parts[1].bytes)
+        except Exception as e:
+            raise ValueError(f"the header is not msgpack ({type(e).__name__}: {e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"the header must be a msgpack map, got {type(header).__name__}")
+        return self._handle(header, parts[2:])
 
     def _handle(self, header: dict, frames: list) -> dict:
         op = header.get("op")

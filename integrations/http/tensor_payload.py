@@ -39,7 +39,8 @@ class FlattenedTensorMetadata:
 
 def _load(raw: bytes):
     try:
-        return safe_pickle.loads(raw, {SGLANG_METADATA: FlattenedTensorMetadata})
+        return safe_pickle.loads(raw, {SGLANG_METADATA: FlattenedTensorMetadata},
+                                 buildable=(FlattenedTensorMetadata,))
     except safe_pickle.RefusedName as e:
         hint = ("; the trainer must call torch.multiprocessing.set_sharing_strategy('file_system')"
                 if e.name == "rebuild_storage_fd" else "")
