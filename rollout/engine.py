@@ -219,6 +219,11 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError(f"prompt {prompt[:40]!r} is a string, but the model at "
                                  f"{self.config.model!r} has no tokenizer; pass token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer takes none
+                raise ValueError(f"prompt is not valid Unicode text: {e.reason} at character "
+                                 f"{e.start} ({prompt[e.start]!r})") from None
             return prompt, self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)):
             raise ValueError(f"a prompt must be a string or a list of token ids, got "
@@ -235,6 +240,14 @@ class Engine:
         if bad:
             raise ValueError(f"{what} token id {bad[0][1]} at position {bad[0][0]} is out of range "
                              f"[0, {vocab})")
+
+    def check_prompt(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, checked as generation checks them (a tokenizer for text,
+        ids in the vocabulary, room for a token in the context); ValueError names what is
+        wrong. For callers that answer without generating (SGLang's max_new_tokens 0)."""
+        _, token_ids = self._tokenize(prompt)
+        self._validate(token_ids, SamplingParams(max_tokens=1))
+        return token_ids
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> SamplingParams:
         if not token_ids:

@@ -165,7 +165,8 @@ def _last_nonzero(x: torch.Tensor) -> torch.Tensor:
 
 def _truncate(probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     """Zero the tokens outside top-k, then top-p (of the renormalized rest), then min-p."""
-    k = torch.tensor([s.top_k for s in specs], device=probs.device)
+    # past the vocabulary top-k keeps every token (and 2**63 would not fit the tensor)
+    k = torch.tensor([min(s.top_k, probs.shape[1]) for s in specs], device=probs.device)
     if bool((k > 0).any()):
         kmax = int(k.max())
         values = torch.topk(probs, min(kmax, probs.shape[1]), dim=-1).values
@@ -179,6 +180,8 @@ def _truncate(probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
         # only rows that ask for top-p: with p = 1 the test would still drop the tokens too
         # small to move the rounded running sum, so a row's draw would depend on its batch mates
         drop_sorted = (cum - sorted_p >= p.unsqueeze(1) * cum[:, -1:]) & (p < 1).unsqueeze(1)
+        drop_sorted[:, 0] = False  # the most likely token stays (a top_p under float32's
+        # smallest number is 0 here, and would drop every token)
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     min_p = torch.tensor([s.min_p for s in specs], device=probs.device, dtype=probs.dtype)

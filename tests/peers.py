@@ -148,6 +148,22 @@ def tensor_trainer(url: str, path: str, seed: int, version: str, bucket_bytes: i
     print(json.dumps({"buckets": len(buckets)}), flush=True)
 
 
+def refused_tensor_sender(url: str) -> None:
+    """Payloads of tensors shared by handle that the server refuses: a flattened bucket whose
+    metadata item is not metadata, and a tensor of no parameter's name."""
+    import httpx2
+    import torch.multiprocessing
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    tensor = torch.zeros(4)
+    payloads = [({"flattened_tensor": tensor, "metadata": ["x"]}, "flattened_bucket"),
+                ([("nope.weight", tensor)], None)]
+    with httpx2.Client(base_url=url, timeout=120, trust_env=False) as client:
+        statuses = [client.post("/update_weights_from_tensor", json={
+            "serialized_named_tensors": [serialize(payload)], "load_format": load_format
+        }).status_code for payload, load_format in payloads * 3]
+    print(json.dumps({"statuses": statuses}), flush=True)
+
+
 def slime_group(master_port: int, world_size: int, group_name: str):
     """Trainer rank 0's group as slime makes it: torch's rendezvous at tcp:// and its own
     named-group helper, no default process group."""

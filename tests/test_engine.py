@@ -111,6 +111,20 @@ def test_tiny_top_p_and_full_min_p_equal_greedy(engine):
         assert tokens(engine.generate(prompts, params, use_tqdm=False)) == tokens(greedy)
 
 
+def test_top_k_past_the_vocabulary_and_top_p_under_float32s_range(engine):
+    prompt = prompts_of([12], seed=4)[0]
+    sampled = SamplingParams(seed=5, max_tokens=6, ignore_eos=True)
+    free = engine.generate([prompt], sampled, use_tqdm=False)
+    wide = engine.generate([prompt], SamplingParams(**{**sampled.__dict__, "top_k": 2**63}),
+                           use_tqdm=False)
+    assert tokens(wide) == tokens(free) and logprob_bits(wide) == logprob_bits(free)
+    greedy = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6,
+                                                      ignore_eos=True), use_tqdm=False)
+    narrow = engine.generate([prompt], SamplingParams(**{**sampled.__dict__, "top_p": 1e-300}),
+                             use_tqdm=False)
+    assert tokens(narrow) == tokens(greedy)
+
+
 def test_top_k_limits_choices_to_the_k_best(engine):
     prompt = prompts_of([12], seed=4)[0]
     out = engine.generate([prompt], SamplingParams(temperature=5.0, top_k=3, n=16, max_tokens=1,

@@ -56,6 +56,8 @@ BAD = [  # (path, body, field or value the message must name)
     ("/generate", {"input_ids": [1] * 30, "sampling_params": {"max_new_tokens": 10}},
      "exceeds the model's context of 32 tokens"),
     ("/generate", {"input_ids": []}, "prompt is empty"),
+    ("/generate", {"input_ids": [700], "sampling_params": {"max_new_tokens": 0}},
+     "prompt token id 700 at position 0 is out of range"),
     ("/generate", {"text": "a", "input_ids": [1]}, "exactly one of text and input_ids"),
     ("/generate", {"sampling_params": {}}, "exactly one of text and input_ids"),
     ("/generate", {"input_ids": [[1], [2]], "rid": ["a"]}, "rid is a list of 1"),
@@ -117,6 +119,18 @@ def test_malformed_json_and_other_4xx(server):
         assert reply.status_code == 404 and "'gpt-4'" in reply.json()["message"]
         assert client.get("/no/such/route").status_code == 404
         assert client.get("/generate").status_code == 405
+
+
+def test_a_lone_surrogate_in_text_is_a_400_and_the_connection_serves_on(server, before):
+    """Valid JSON, but no Unicode text: the tokenizer takes none (a 500 that reset the
+    client's connection before)."""
+    with server.client() as client:
+        for path, raw in [("/generate", b'{"text": "\\ud800abc"}'),
+                          ("/v1/completions", b'{"model": "qwen30", "prompt": "\\ud800"}')]:
+            reply = client.post(path, content=raw, headers={"content-type": "application/json"})
+            assert reply.status_code == 400, reply.text
+            assert "prompt is not valid Unicode text" in reply.json()["message"]
+        assert client.post("/generate", json=GREEDY).json()["output_ids"] == before["output_ids"]
 
 
 class RunsCode:

@@ -5,11 +5,14 @@ resume) after which outputs match the new weights and carry the new version stri
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 
+import httpx2
 import pytest
 
 from tests.peers import trained
@@ -152,6 +155,52 @@ def test_pause_flush_update_from_tensor_continue(server, qwen3_path):
             assert_matches(trained(qwen3_path, 21), [PROMPTS[5]], [tokens_and_logprobs(answer)])
             await check_new_weights(client, qwen3_path, 21, "step-21")
     asyncio.run(scenario())
+
+
+def shm_managers() -> set[str]:
+    found = subprocess.run(["pgrep", "-x", "torch_shm_manag"], capture_output=True, text=True)
+    return set(found.stdout.split())
+
+
+def test_refused_shared_tensors_are_let_go_before_the_answer(server):
+    """A refused payload's tensors (views of the trainer's shared memory) must be freed while
+    the trainer's shared-memory manager lives: freeing one after it is gone aborts the server
+    process (torch's 'Broken pipe'), which the refusal's traceback made happen at some later
+    garbage collection."""
+    before = shm_managers()
+    assert run_peer("refused_tensor_sender", url=server.url)["statuses"] == [400] * 6
+    for pid in shm_managers() - before:  # the trainer's manager goes (its job was killed)
+        os.kill(int(pid), signal.SIGTERM)
+    with server.client() as client:
+        for _ in range(60):  # allocations enough for the collector to run
+            assert client.post("/generate", json=greedy([1, 2, 3], 4)).status_code == 200
+    assert server.proc.poll() is None
+
+
+def test_a_client_that_leaves_ends_its_request(server):
+    """As SGLang and vLLM do: a non-streamed request whose client disconnected is aborted
+    (logged 499), not run to its end for nobody."""
+    model = server.client().get("/v1/models").json()["data"][0]["id"]
+    for path, body in [("/generate", {**slime_payload(PROMPTS[0], LONG, 1),
+                                      "sampling_params": {"n": 8, "max_new_tokens": LONG,
+                                                          "ignore_eos": True}}),
+                       ("/v1/completions", {"model": model, "prompt": PROMPTS[1], "n": 8,
+                                            "max_tokens": LONG, "ignore_eos": True})]:
+        with server.client(timeout=0.5) as client:
+            with pytest.raises(httpx2.TimeoutException):
+                client.post(path, json=body)
+        left = time.monotonic()
+
+        async def idle():
+            async with server.async_client() as client:
+                await until(lambda: _idle(client), timeout_s=30, what="the request to end")
+        asyncio.run(idle())
+        assert time.monotonic() - left < 2.0
+        assert f'"POST {path}" 499' in server.log()
+
+
+async def _idle(client) -> bool:
+    return (await load(client))["num_running_reqs"] == 0
 
 
 def test_retract_then_update_through_a_gloo_group(server, qwen3_path):

@@ -28,7 +28,7 @@ def build_app(engine: Engine, model_name: str | None = None,
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(UnexpectedErrors)  # first: innermost
     if api_key:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
     app.add_middleware(AccessLog)  # added last: outermost, so refused calls are logged too
@@ -67,9 +67,6 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail))
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("%s %s failed", request.method, request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -116,6 +113,34 @@ def _problem(error: dict) -> tuple[str, str]:
     got = error.get("input")
     shown = f" (got {got!r:.80})" if isinstance(got, (str, int, float, bool)) else ""
     return field, f"{field}: {error['msg']}{shown}"
+
+
+class UnexpectedErrors:
+    """A route's unexpected exception, answered 500 here: Starlette's outermost handler answers
+    and then re-raises it, and uvicorn closes the connection (a client's keep-alive connection
+    reset on its next call)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_started(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_started)
+        except Exception as exc:
+            if started:  # a streamed answer has begun: nothing else can be said
+                raise
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            response = error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+            await response(scope, receive, send)
 
 
 class ApiKeyCheck:

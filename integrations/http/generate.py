@@ -9,11 +9,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from integrations.http.protocol import GenerateRequest, Prompt, SglSamplingParams
 from integrations.http.server import ApiError, Server
-from integrations.http.streams import gather, merge, primed, sse
+from integrations.http.streams import gather, merge, primed, sse, unless_disconnected
 from rollout import RequestOutput, SamplingParams
 from rollout.outputs import CompletionOutput
 
@@ -148,12 +149,15 @@ def finish_reason(c: CompletionOutput, length: int) -> dict | None:
     return None
 
 
-async def generate(server: Server, req: GenerateRequest):
+async def generate(server: Server, req: GenerateRequest, request: Request):
     prompts, batch = req.prompts()
     jobs = [Job(server, req, i, p) for i, p in enumerate(prompts)]
     if req.stream:
         return await stream_response(jobs, indexed=batch or any(j.sp.n > 1 for j in jobs))
-    samples = [s for per_prompt in await gather(j.run() for j in jobs) for s in per_prompt]
+    done = await unless_disconnected(request, gather(j.run() for j in jobs))
+    if isinstance(done, Response):
+        return done
+    samples = [s for per_prompt in done for s in per_prompt]
     single = not batch and len(samples) == 1
     return JSONResponse(samples[0] if single else samples)
 

@@ -4,10 +4,12 @@ Weight and memory calls answer `{"success": bool, "message": str}`, with a 4xx o
 """
 
 import asyncio
+import gc
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from integrations.http import tensor_payload
 from integrations.http.generate import generate
@@ -15,7 +17,7 @@ from integrations.http.protocol import (AbortRequest, DestroyGroupRequest, Gener
                                         InitGroupRequest, MemoryRequest, PauseRequest,
                                         WeightsFromDiskRequest, WeightsFromDistributedRequest,
                                         WeightsFromTensorRequest, WeightVersionRequest)
-from integrations.http.server import ApiError, Server
+from integrations.http.server import ApiError, Server, engine_errors
 from rollout import SamplingParams
 
 HEALTH_TIMEOUT_S = 20.0
@@ -37,9 +39,9 @@ def ok(message: str, **extra) -> dict:
 # ---------------------------------------------------------------------- generation
 
 @router.api_route("/generate", methods=["POST", "PUT"], tags=["generation"])
-async def generate_route(req: GenerateRequest, server: ServerDep):
+async def generate_route(req: GenerateRequest, server: ServerDep, request: Request):
     """Generate for `input_ids` or `text` (one prompt, or a batch)."""
-    return await generate(server, req)
+    return await generate(server, req, request)
 
 
 @router.post("/abort_request", tags=["generation"])
@@ -86,14 +88,34 @@ async def update_weights_from_tensor(req: WeightsFromTensorRequest, server: Serv
     pairs with load_format null); one transaction per call."""
     if req.abort_all_requests:
         await server.abort()
+    with engine_errors():
+        try:
+            count, new = await run_in_threadpool(_load_tensors, server.engine,
+                                                 req.serialized_named_tensors[0],
+                                                 req.load_format, req.weight_version)
+        except tensor_payload.PayloadError as e:
+            raise ApiError(400, f"serialized_named_tensors[0]: {e}",
+                           "serialized_named_tensors") from None
+    return ok(f"updated {count} tensors to weight version {new}")
+
+
+def _load_tensors(engine, serialized: str, load_format: str | None, version):
+    """Decode and load in one call that lets go of the sender's tensors (views of its shared
+    memory) before it returns, refused or not. A refusal's exception holds them through its
+    traceback's frames (and their closures) until the garbage collector runs, and if the
+    sender's shared-memory manager was gone by then, freeing them aborted this process: only
+    the refusal's message leaves this call, after a collection."""
     try:
-        pairs = await server.call(tensor_payload.decode, req.serialized_named_tensors[0],
-                                  req.load_format)
-    except ApiError as e:
-        raise ApiError(400, f"serialized_named_tensors[0]: {e.message}",
-                       "serialized_named_tensors") from None
-    new = await server.call(server.engine.update_weights, pairs, req.weight_version)
-    return ok(f"updated {len(pairs)} tensors to weight version {new}")
+        pairs = tensor_payload.decode(serialized, load_format)
+        return len(pairs), engine.update_weights(pairs, version)
+    except Exception as e:
+        kind, message = type(e), str(e)
+    pairs = None
+    gc.collect()
+    for base in (tensor_payload.PayloadError, ValueError, RuntimeError):
+        if issubclass(kind, base):
+            raise base(message)
+    raise RuntimeError(f"{kind.__name__}: {message}")
 
 
 @router.post("/init_weights_update_group", tags=["weights"])
@@ -156,7 +178,7 @@ async def release_memory_occupation(server: ServerDep, req: MemoryRequest | None
     tags = (req or MemoryRequest()).engine_tags()
     if tags != []:
         await server.call(server.engine.release_memory, tags)
-    return ok(f"released {', '.join(tags) if tags else 'all memory'}")
+    return ok(f"released {_what(tags)}")
 
 
 @router.api_route("/resume_memory_occupation", methods=["GET", "POST"], tags=["memory"])
@@ -164,7 +186,11 @@ async def resume_memory_occupation(server: ServerDep, req: MemoryRequest | None 
     tags = (req or MemoryRequest()).engine_tags()
     if tags != []:
         await server.call(server.engine.resume_memory, tags)
-    return ok(f"resumed {', '.join(tags) if tags else 'all memory'}")
+    return ok(f"resumed {_what(tags)}")
+
+
+def _what(tags: list[str] | None) -> str:
+    return "all memory" if tags is None else ", ".join(tags) or "nothing (no engine memory tag)"
 
 
 # ---------------------------------------------------------------------- probes and info

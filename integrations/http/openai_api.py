@@ -6,14 +6,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from functools import lru_cache
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from integrations.http.native_api import ServerDep
 from integrations.http.openai_protocol import ChatMessage, ChatRequest, CompletionRequest
 from integrations.http.server import ApiError, Server
-from integrations.http.streams import gather, merge, primed, sse
+from integrations.http.streams import gather, merge, primed, sse, unless_disconnected
 from rollout import RequestOutput, SamplingParams
 from rollout.outputs import CompletionOutput
 
@@ -32,7 +32,7 @@ async def models(server: ServerDep):
 
 
 @router.post("/completions")
-async def completions(req: CompletionRequest, server: ServerDep):
+async def completions(req: CompletionRequest, server: ServerDep, request: Request):
     _check_model(server, req.model)
     answer = Answer(server, req.model, "text_completion", req.n)
     prompts, params = req.prompts(), req.sampling()
@@ -40,14 +40,17 @@ async def completions(req: CompletionRequest, server: ServerDep):
         return await answer.stream(prompts, params, req.include_usage,
                                    lambda c, new, t: answer.completion_choice(c, new, t,
                                                                               req.logprobs))
-    outs = await gather(server.generate(p, params, None) for p in prompts)
+    outs = await unless_disconnected(request, gather(server.generate(p, params, None)
+                                                     for p in prompts))
+    if isinstance(outs, Response):
+        return outs
     choices = [answer.completion_choice(c, c.text or "", slice(None), req.logprobs)
                | {"index": answer.index(k, c)} for k, out in enumerate(outs) for c in out.outputs]
     return answer.body(choices, usage(outs))
 
 
 @router.post("/chat/completions")
-async def chat_completions(req: ChatRequest, server: ServerDep):
+async def chat_completions(req: ChatRequest, server: ServerDep, request: Request):
     _check_model(server, req.model)
     answer = Answer(server, req.model, "chat.completion", req.n)
     prompt = await run_in_threadpool(chat_prompt, server, req.messages)
@@ -57,7 +60,9 @@ async def chat_completions(req: ChatRequest, server: ServerDep):
         return await answer.stream([prompt], params, req.include_usage,
                                    lambda c, new, t: answer.chat_delta(c, new, t, req.logprobs,
                                                                        top))
-    out = await server.generate(prompt, params, None)
+    out = await unless_disconnected(request, server.generate(prompt, params, None))
+    if isinstance(out, Response):
+        return out
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text or ""},
                 "logprobs": answer.chat_logprobs(c, slice(None), top) if req.logprobs else None,
                 "finish_reason": c.finish_reason} for c in out.outputs]

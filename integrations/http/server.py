@@ -118,12 +118,12 @@ class Server:
         return len(rids)
 
     def token_ids(self, prompt: Prompt) -> list[int]:
-        if not isinstance(prompt, str):
-            return list(prompt)
-        if self.engine.tokenizer is None:
+        """The prompt's ids, checked as the engine checks a prompt it generates for."""
+        if isinstance(prompt, str) and self.engine.tokenizer is None:
             raise ApiError(400, f"the model at {self.engine.config.model!r} has no tokenizer: "
                                 "send input_ids, not text", "text")
-        return self.engine.tokenizer.encode(prompt)
+        with engine_errors():
+            return self.engine.check_prompt(prompt)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         tok = self.engine.tokenizer

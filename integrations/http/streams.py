@@ -2,7 +2,12 @@
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+
+from fastapi import Request
+from fastapi.responses import Response
+
+CLIENT_GONE = 499  # the status access logs give a request whose client left (nginx's)
 
 
 async def gather(coros) -> list:
@@ -64,3 +69,28 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """`work`'s result; if the client goes away first, `work` is cancelled (its requests are
+    aborted, as SGLang and vLLM abort them) and a 499 goes to nobody. Streams need none of
+    this: their answer stops when the client does."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return Response(status_code=CLIENT_GONE)
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -84,7 +84,12 @@ def _flattened(obj) -> list[tuple[str, torch.Tensor]]:
         raise PayloadError(f"flattened_tensor must be a 1-D tensor, got {_describe(flat)}")
     if not isinstance(metas, list):
         raise PayloadError(f"metadata must be a list, got {_describe(metas)}")
-    return [(meta.name, _view(flat, meta, i)) for i, meta in enumerate(metas)]
+    return [_named_view(flat, meta, i) for i, meta in enumerate(metas)]
+
+
+def _named_view(flat: torch.Tensor, meta, i: int) -> tuple[str, torch.Tensor]:
+    view = _view(flat, meta, i)  # checks the metadata first
+    return meta.name, view
 
 
 def _view(flat: torch.Tensor, meta, i: int) -> torch.Tensor:
