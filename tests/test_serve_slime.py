@@ -324,6 +324,24 @@ def test_scoring_a_prompt_gives_the_generation_logprobs(server):
         assert inputs[len(PROMPTS[1]):] == single["meta_info"]["output_token_logprobs"]
 
 
+def test_a_sample_across_an_update_lists_both_versions(server, qwen3_path, tmp_path):
+    trained(qwen3_path, 25).save_pretrained(tmp_path / "step-25")
+
+    async def scenario():
+        async with server.async_client() as client:
+            post = asyncio.create_task(client.post("/generate",
+                                                   json=slime_payload(PROMPTS[2], LONG, 2)))
+            await running_at_least(client, 1)
+            reply = await client.post("/update_weights_from_disk", json={
+                "model_path": str(tmp_path / "step-25"), "weight_version": "step-25"})
+            assert reply.status_code == 200, reply.text
+            meta = (await post).json()["meta_info"]
+            before = meta["weight_versions"][0]
+            assert meta["weight_versions"] == [before, "step-25"] and before != "step-25"
+            assert meta["weight_version"] == "step-25"
+    asyncio.run(scenario())
+
+
 def test_update_from_disk_and_weight_version_label(server, qwen3_path, tmp_path):
     trained(qwen3_path, 24).save_pretrained(tmp_path / "step-24")
     with server.client() as client:
@@ -332,6 +350,7 @@ def test_update_from_disk_and_weight_version_label(server, qwen3_path, tmp_path)
         assert reply.status_code == 200 and reply.json()["success"], reply.text
         answers = [client.post("/generate", json=greedy(p)).json() for p in PROMPTS[:4]]
         assert {a["meta_info"]["weight_version"] for a in answers} == {"step-24"}
+        assert all(a["meta_info"]["weight_versions"] == ["step-24"] for a in answers)
         assert_matches(trained(qwen3_path, 24), PROMPTS[:4], [tokens_and_logprobs(a)
                                                               for a in answers])
         reply = client.post("/update_weight_version", json={"new_version": "step-24b"})

@@ -122,6 +122,8 @@ class Job:
         meta = {"id": out.request_id, "finish_reason": finish_reason(c, len(ids)),
                 "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(ids),
                 "cached_tokens": c.cached_tokens, "weight_version": str(version),
+                # more than one: the sample's K/V and tokens came from several versions
+                "weight_versions": [str(v) for v in c.weight_versions or [version]],
                 "e2e_latency": time.perf_counter() - self.started}
         if self.req.return_logprob:
             meta["output_token_logprobs"] = [[lp, t, self.token_text(t)]
