@@ -116,6 +116,8 @@ class BenchOptions:
     def __post_init__(self):
         if self.repeat < 1:
             raise ValueError(f"repeat must be >= 1, got {self.repeat}")
+        if self.hf_prompts_per_call < 1:
+            raise ValueError(f"hf_prompts_per_call must be >= 1, got {self.hf_prompts_per_call}")
 
 
 @dataclass

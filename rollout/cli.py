@@ -3,6 +3,7 @@
 import argparse
 import gc
 import json
+import os
 import sys
 
 
@@ -29,9 +30,24 @@ def _engine_kwargs(args) -> dict:
         kwargs["device"] = args.device
     for name in ("max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks", "max_num_seqs",
                  "max_model_len"):
-        if getattr(args, name):
+        if getattr(args, name) is not None:  # 0 too: the engine refuses it, naming it
             kwargs[name] = getattr(args, name)
     return kwargs
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r}: give token ids separated by commas, such as "
+                         "'1,2,3'") from None
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
 
 
 def cmd_generate(args) -> int:
@@ -40,7 +56,7 @@ def cmd_generate(args) -> int:
                             min_p=args.min_p, max_tokens=args.max_tokens, n=args.n,
                             seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos)
     engine = Engine(args.model, **_engine_kwargs(args))
-    prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
+    prompt = _token_ids(args.prompt_ids) if args.prompt_ids else args.prompt
     out = engine.generate([prompt], params, use_tqdm=False)[0]
     if args.json:
         print(json.dumps({"prompt_token_ids": out.prompt_token_ids,
@@ -62,6 +78,10 @@ def cmd_bench(args) -> int:
     unknown = [s for s in suites if s not in bench.SUITES]
     if unknown:
         print(f"unknown bench suite(s) {unknown}; suites: {', '.join(bench.SUITES)}",
+              file=sys.stderr)
+        return 2
+    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        print(f"error: --json {args.json}: its directory does not exist or is not writable",
               file=sys.stderr)
         return 2
     workload = bench.Workload(args.num_prompts, args.n, args.min_prompt_len,
@@ -198,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument("--port", type=_port, default=30000)
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every call")
     serve.add_argument("--served-model-name", default=None,

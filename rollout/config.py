@@ -74,6 +74,10 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; supported: 'silu'")
         if hf.get("use_sliding_window"):
             raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
         eos_ids = generation_eos or (tuple(eos) if isinstance(eos, list) else
@@ -147,9 +151,12 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose 'auto' or one of "
                              f"{', '.join(DTYPES)}")
         try:
-            torch.device(self.device)
+            device = torch.device(self.device)
         except RuntimeError as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: CUDA is not available here (torch "
+                             f"{torch.__version__}); use 'cpu'")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_backend {self.kernel_backend!r} is not one of auto, torch, "
                              "triton")
@@ -159,6 +166,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
                              f"least block_size ({self.block_size}): prefill chunks are whole blocks")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:

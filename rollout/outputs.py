@@ -6,9 +6,9 @@ class CompletionOutput:
     """One sampled completion. `logprobs[i]` is the log-probability of `token_ids[i]` (None when
     the request set logprobs=False).
 
-    `weight_version` produced the latest token; `weight_versions` lists every version that
-    produced tokens of this completion, in order: more than one means the weights were updated
-    while it ran (it was not paused with "abort" or "retract")."""
+    `weight_version` produced the latest token; `weight_versions` lists every version whose
+    weights computed this completion's K/V or tokens, in order: more than one means the weights
+    were updated while it ran (it was not paused with "abort" or "retract")."""
     index: int
     token_ids: list[int]
     logprobs: list[float] | None

@@ -45,6 +45,27 @@ def test_generate_reports_bad_input_without_a_traceback(qwen3_path):
     assert "Traceback" not in done.stderr
 
 
+def test_bad_options_get_one_line_naming_them_before_any_work(qwen3_path, tmp_path):
+    model = ("--model", str(qwen3_path))
+    cases = [(("generate", *model, "--prompt-ids", "1,2", "--max-num-seqs", "0"),
+              "max_num_seqs must be >= 1, got 0"),
+             (("generate", *model, "--prompt-ids", "1,,2"), "--prompt-ids '1,,2'"),
+             (("generate", *model, "--prompt-ids", "1,2", "--max-model-len", "-3"),
+              "max_model_len must be >= 1, got -3"),
+             (("serve", *model, "--port", "70000"), "port 70000 is outside 0-65535"),
+             (("bench", "throughput", "--hf-prompts-per-call", "0"),
+              "hf_prompts_per_call must be >= 1, got 0"),
+             (("bench", "throughput", "--json", str(tmp_path / "no" / "x.json")),
+              "its directory does not exist")]
+    if not torch.cuda.is_available():
+        cases.append((("generate", *model, "--prompt-ids", "1", "--device", "cuda"),
+                      "CUDA is not available here"))
+    for args, message in cases:
+        done = run_cli(*args)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-800:])
+        assert "Traceback" not in done.stderr
+
+
 def test_doctor_prints_what_runs_and_whether_invariance_is_guaranteed(qwen3_path):
     done = run_cli("doctor", "--model", str(qwen3_path))
     assert done.returncode == 0, done.stderr

@@ -61,6 +61,7 @@ BAD = [  # (path, body, field or value the message must name)
     ("/generate", {"text": "a", "input_ids": [1]}, "exactly one of text and input_ids"),
     ("/generate", {"sampling_params": {}}, "exactly one of text and input_ids"),
     ("/generate", {"input_ids": [[1], [2]], "rid": ["a"]}, "rid is a list of 1"),
+    ("/generate", {"input_ids": [[1], [2]], "rid": "a"}, "rid 'a' is one id for a batch of 2"),
     ("/generate", {"input_ids": [1, 2], "return_logprob": True, "top_logprobs_num": 21},
      "top_logprobs_num"),
     ("/generate", {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2,

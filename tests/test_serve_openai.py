@@ -51,7 +51,13 @@ def test_completions_with_logprobs_match_generate(client, server):
     assert choice.logprobs.token_logprobs == logprobs_of(want)
     assert choice.logprobs.tokens == [t for _, _, t in
                                       want["meta_info"]["output_token_logprobs"]]
-    assert all(len(top) >= 1 for top in choice.logprobs.top_logprobs)
+    for token, logprob, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs,
+                                   choice.logprobs.top_logprobs):
+        assert top[token] == logprob and 1 <= len(top) <= 3  # the 2 likeliest and the sample
+    sampled_only = client.completions.create(model="tiny-qwen3", prompt=PROMPT, max_tokens=8,
+                                             seed=3, logprobs=0).choices[0].logprobs
+    assert sampled_only.top_logprobs == [{t: lp} for t, lp in zip(sampled_only.tokens,
+                                                                   sampled_only.token_logprobs)]
     assert got.usage.completion_tokens == 8
     assert got.usage.prompt_tokens == want["meta_info"]["prompt_tokens"]
 
@@ -62,6 +68,21 @@ def test_completions_with_logprobs_match_generate(client, server):
     assert [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs] == \
         logprobs_of(want)
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_a_stream_never_sends_text_a_stop_string_then_cuts(client):
+    """Streamed text equals the unstreamed answer when a long stop string matches: text that
+    could still be the start of one waits (the stream sent it while the text was shorter than
+    the stop string)."""
+    for seed, length in [(seed, length) for seed in range(3) for length in (8, 12)]:
+        free = client.completions.create(model="tiny-qwen3", prompt=PROMPT, max_tokens=12,
+                                         seed=seed).choices[0].text
+        stop = free[1:1 + length]
+        kwargs = dict(model="tiny-qwen3", prompt=PROMPT, max_tokens=12, seed=seed, stop=[stop])
+        whole = client.completions.create(**kwargs).choices[0]
+        chunks = list(client.completions.create(**kwargs, stream=True))
+        assert whole.finish_reason == "stop" and chunks[-1].choices[0].finish_reason == "stop"
+        assert "".join(c.choices[0].text for c in chunks) == whole.text == free[:1]
 
 
 def test_chat_completions_with_logprobs_match_generate(client, server):
@@ -93,6 +114,21 @@ def test_chat_completions_with_logprobs_match_generate(client, server):
     assert [text[0], text[1]] == [a["text"] for a in want]
     assert [logprobs[0], logprobs[1]] == [logprobs_of(a) for a in want]
     assert usage.completion_tokens == 12
+
+
+def test_nulls_and_neutral_values_are_taken_as_openai_clients_send_them(client):
+    """The client sends null for a None argument (OpenAI types these fields 'or null'); the
+    neutral values of fields the engine does not act on are accepted, others refused by name."""
+    messages = [{"role": "user", "content": "Hi!"}]
+    base = dict(model="tiny-qwen3", messages=messages, max_tokens=4, seed=2)
+    want = client.chat.completions.create(**base).choices[0].message.content
+    got = client.chat.completions.create(**base, temperature=None, top_p=None, n=None,
+                                         presence_penalty=None, logprobs=None,
+                                         response_format={"type": "text"}, tool_choice="none",
+                                         parallel_tool_calls=False, store=False)
+    assert got.choices[0].message.content == want
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(**base, response_format={"type": "json_object"})
 
 
 def test_every_call_needs_the_api_key(server):

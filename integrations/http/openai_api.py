@@ -137,9 +137,18 @@ class Answer:
         strings = [self.token(t) for t in c.token_ids[tokens]]
         start = sum(len(self.token(t)) for t in c.token_ids[:tokens.start or 0])
         offsets = [start + sum(len(s) for s in strings[:i]) for i in range(len(strings))]
-        tops = [{self.token(t): lp for t, lp in d.items()} for d in (c.top_logprobs or [])[tokens]]
-        return {"tokens": strings, "token_logprobs": c.logprobs[tokens],
-                "top_logprobs": tops if top else None, "text_offset": offsets}
+        # as OpenAI's and vLLM's: the `top` likeliest and the sampled token (so logprobs=0
+        # still lists the sampled one)
+        best = (c.top_logprobs or [])[tokens] if top else [{}] * len(strings)
+        tops = []
+        for d, s, lp in zip(best, strings, c.logprobs[tokens]):
+            entry: dict[str, float] = {}  # tokens that decode alike: the likeliest one's
+            for t, alp in d.items():
+                entry.setdefault(self.token(t), alp)
+            entry.setdefault(s, lp)
+            tops.append(entry)
+        return {"tokens": strings, "token_logprobs": c.logprobs[tokens], "top_logprobs": tops,
+                "text_offset": offsets}
 
     def chat_delta(self, c: CompletionOutput, text: str, tokens: slice, logprobs: bool,
                    top: int) -> dict:
@@ -196,7 +205,7 @@ class Progress:
     def step(self, c: CompletionOutput) -> tuple[str, slice] | None:
         """(new text, slice of new tokens), or None when there is nothing to send."""
         full, done = c.text or "", c.finish_reason is not None
-        end = len(full) if done else len(full) - self.hold
+        end = len(full) if done else max(len(full) - self.hold, len(self.text))
         while not done and end > len(self.text) and full[end - 1] == "\ufffd":
             end -= 1
         new = full[len(self.text):end] if full.startswith(self.text) else ""

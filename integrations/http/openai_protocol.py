@@ -38,6 +38,17 @@ class _Sampling(Strict):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = Field(True, description="only True: text skips special tokens")
 
+    @field_validator("temperature", "top_p", "n", "stream", "presence_penalty",
+                     "frequency_penalty", "top_k", "min_p", "min_tokens", "ignore_eos",
+                     "skip_special_tokens", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """OpenAI types these 'or null' (its client sends null for a None argument): null
+        means the default."""
+        if value is None:
+            return cls.model_fields[info.field_name].get_default(call_default_factory=True)
+        return value
+
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def _no_penalty(cls, value: float) -> float:
@@ -119,12 +130,21 @@ class ChatMessage(Strict):
         return self.content or ""
 
 
+class ResponseFormat(Strict):
+    type: Literal["text"] = Field(description="only text: no structured output here")
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # at their neutral values (no tools, plain text); stored completions do not apply here
+    response_format: ResponseFormat | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -141,4 +161,4 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
     def sampling(self) -> SamplingParams:
-        return self.engine_params(self.limit, self.top_logprobs or 0, self.logprobs)
+        return self.engine_params(self.limit, self.top_logprobs or 0, bool(self.logprobs))

@@ -128,6 +128,9 @@ class GenerateRequest(Strict):
                                  f"({len(prompts)}), or one for all")
         if isinstance(self.rid, list) and len(set(self.rid)) != len(self.rid):
             raise ValueError("rid lists the same id twice")
+        if isinstance(self.rid, str) and len(prompts) > 1:
+            raise ValueError(f"rid {self.rid!r} is one id for a batch of {len(prompts)} "
+                             "prompts: give a list of one per prompt")
         return self
 
     def prompts(self) -> tuple[list[Prompt], bool]:
