@@ -5,6 +5,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
 
@@ -56,6 +57,15 @@ def test_group_generates_what_one_local_engine_generates(group, qwen3_path):
     c = local[0].outputs[2]
     sequence = local[0].prompt_token_ids + c.token_ids
     assert ray.get(actor.score.remote([sequence], len(local[0].prompt_token_ids))) == [c.logprobs]
+
+
+def test_the_group_takes_the_prompts_engine_generate_takes(group):
+    ids = PROMPTS[0]
+    want = samples(group.generate([ids], GREEDY))
+    assert samples(group.generate(tuple(ids), GREEDY)) == want
+    assert samples(group.generate([np.int64(t) for t in ids], GREEDY)) == want
+    with pytest.raises(ValueError, match="must be SamplingParams .or a list of them., got dict"):
+        group.generate([ids], {"temperature": 0})
 
 
 def test_sessions_stay_on_one_engine_and_async_matches(group):
@@ -170,6 +180,25 @@ def test_a_killed_engine_loses_nothing_and_replacements_restore_the_group(ray_se
         before = [s.completed for s in group.slots]
         assert samples(group.generate(PROMPTS, LONG)) == samples(local)
         assert [s.completed - b for s, b in zip(group.slots, before)] == [3, 3]
+    finally:
+        group.shutdown()
+
+
+def test_an_update_one_engine_refuses_takes_it_out_of_service(ray_session, qwen3_path):
+    """Engines on two versions would answer one request two ways: the one that refused leaves
+    service, the error names both sides, and its replacement copies the committed weights."""
+    group = new_group(qwen3_path)
+    try:
+        ray.get(group.slots[1].actor.update_weights_from_disk.remote(str(qwen3_path), "ckpt"))
+        model = trained(qwen3_path, 10)
+        with pytest.raises(RuntimeError, match=r"engines \[1\] refused the weight update that "
+                                               r"engines \[0\] committed \(version 1\)"):
+            group.update_weights(model.named_parameters())  # engine 1: no number after 'ckpt'
+        assert group.size == 1 and group.weight_versions() == [1]
+        group.replace(1)
+        checksum = weight_sync.checksum(model.named_parameters())
+        assert group.weight_versions() == [1, 1]
+        assert group.weights_checksum() == [checksum, checksum]
     finally:
         group.shutdown()
 

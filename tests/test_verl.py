@@ -165,6 +165,31 @@ def test_a_tensor_the_engine_lacks_fails_the_update_by_name_and_changes_nothing(
     assert generate(replica, "still-serving").stop_reason == "completed"
 
 
+def test_tensors_the_conversion_would_hide_are_refused_and_no_steps_keep_the_version(
+        verl, replica, configs, path):
+    """The adapter casts to the engine's dtypes: an integer tensor, or a name sent twice, must
+    be refused before the cast hides them; an update without global_steps keeps the label
+    (as verl's vLLM and SGLang servers do)."""
+    rollout, model_config = configs
+    adapter = verl.get_rollout_class("rollout_engine")(config=rollout, model_config=model_config,
+                                                       device_mesh=None, replica_rank=0)
+    server = replica.server_handle
+    before = ray.get([server.weights_checksum.remote(), server.weight_version.remote()])
+    state = list(trained(path, 41).state_dict().items())
+    name, tensor = state[0]
+    for bad, message in [([(name, tensor.long())] + state[1:], "is not a floating-point type"),
+                         ([(name, tensor), (name, tensor * 0)] + state[1:], "sent .* twice")]:
+        with pytest.raises(ValueError, match=message):
+            asyncio.run(adapter.update_weights(iter(bad), global_steps=41))
+        assert ray.get([server.weights_checksum.remote(),
+                        server.weight_version.remote()]) == before
+    asyncio.run(adapter.update_weights(iter(state), global_steps=None))
+    assert ray.get(server.weight_version.remote()) == before[1]
+    with pytest.raises(ValueError, match="prompt token 0 is 7.5"):
+        ray.get(server.generate.remote(prompt_ids=[7.5, 8], request_id="floats",
+                                       sampling_params=dict(VERL_PARAMS)))
+
+
 def pointers(server) -> list[int]:
     return ray.get(server.__ray_call__.remote(
         lambda actor: [p.data_ptr() for p in actor.engine.runner.model.parameters()]))

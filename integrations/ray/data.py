@@ -28,7 +28,8 @@ class BatchRollout:
         if self.prompt_column not in batch:
             raise KeyError(f"the batch has no prompt column {self.prompt_column!r}; columns: "
                            f"{sorted(batch)} (set prompt_column)")
-        prompts = [p if isinstance(p, str) else [int(t) for t in p]
+        # rows as they are (an array row as a list): the engine refuses floats, bools, bytes
+        prompts = [p.tolist() if isinstance(p, np.ndarray) else p
                    for p in batch[self.prompt_column]]
         outputs = self.engine.generate(prompts, self.params, use_tqdm=False)
         return {**batch, **{name: _column(outputs, name) for name in OUTPUT_COLUMNS}}

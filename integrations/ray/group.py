@@ -16,6 +16,7 @@ methods submit to it and wait, `generate_async` awaits it from the caller's loop
 import asyncio
 import concurrent.futures
 import logging
+import numbers
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -141,11 +142,13 @@ class RolloutGroup:
 
     def _lost(self, slot: EngineSlot, error: BaseException) -> None:
         """Take a failed engine out of service for good (killed, in case it only hung)."""
+        self._retire(slot, f"died: {_first_line(error)}")
+
+    def _retire(self, slot: EngineSlot, why: str) -> None:
         if not slot.ready:
             return
         slot.ready = False
-        first_line = next(iter(str(error).splitlines()), "")[:200]
-        slot.error = f"died: {type(error).__name__}: {first_line}".rstrip(": ")
+        slot.error = why
         ray.kill(slot.actor, no_restart=True)
         log.warning("rollout group: %s; its requests go to the other engines", slot.describe())
         if self.auto_replace and any(s.ready for s in self.slots):
@@ -163,12 +166,15 @@ class RolloutGroup:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  session_ids: Sequence[str | None] | None = None) -> list[RequestOutput]:
         """What `Engine.generate` returns, in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], numbers.Integral)):
+            prompts = [prompts]  # one prompt of token ids, as Engine.generate takes it
         prompts = list(prompts)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             sampling_params = [sampling_params] * len(prompts)
+        if not all(p is None or isinstance(p, SamplingParams) for p in sampling_params):
+            raise ValueError(f"sampling params must be SamplingParams (or a list of them), got "
+                             f"{type(sampling_params).__name__}")
         sessions = [None] * len(prompts) if session_ids is None else list(session_ids)
         for what, values in (("sampling params", sampling_params), ("session ids", sessions)):
             if len(values) != len(prompts):
@@ -179,6 +185,9 @@ class RolloutGroup:
     async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                              session_id: str | None = None) -> RequestOutput:
         """One request from asyncio (a server's handler)."""
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got "
+                             f"{type(sampling_params).__name__}")
         return await asyncio.wrap_future(self._submit(
             self._request(prompt, sampling_params, session_id)))
 
@@ -231,6 +240,32 @@ class RolloutGroup:
     def _on_all(self, method: str, *args, **kwargs) -> list:
         return self._wait(self._each(lambda k, a: getattr(a, method).remote(*args, **kwargs)))
 
+    async def _update_each(self, call: Callable[[int, ActorHandle], ray.ObjectRef]) -> list:
+        """A weight update on every ready engine. Where some commit it and others refuse, the
+        group would answer from two versions: the refusing engines leave service (`replace`
+        them: the new ones copy the committed weights) and the error names both sides."""
+        slots = self._ready_slots()
+        results = await asyncio.gather(*(call(k, s.actor) for k, s in enumerate(slots)),
+                                       return_exceptions=True)
+        failed = [(s, r) for s, r in zip(slots, results) if isinstance(r, BaseException)]
+        if failed and len(failed) < len(slots):
+            refused = {s.index for s, _ in failed}
+            committed = [s.index for s in slots if s.index not in refused]
+            version = next(r for r in results if not isinstance(r, BaseException))
+            for slot, error in failed:
+                self._retire(slot, f"refused the update that engines {committed} committed as "
+                                   f"version {version!r}: {_first_line(error)}")
+            raise RuntimeError(f"engines {sorted(refused)} refused the weight "
+                               f"update that engines {committed} committed (version "
+                               f"{version!r}) and left service; replace() them. First error: "
+                               f"{_first_line(failed[0][1])}")
+        for slot, result in failed:
+            if isinstance(result, RayActorError):
+                self._lost(slot, result)
+        if failed:
+            raise failed[0][1]
+        return results
+
     # ---------------------------------------------------------------- weights
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -238,13 +273,14 @@ class RolloutGroup:
         """In-process update of every engine: the tensors go to Ray's object store once."""
         ref = ray.put([(name, t.detach().cpu()) for name, t in named_tensors])
         self._updated = True
-        return self._on_all("update_weights", ref, version)
+        return self._wait(self._update_each(lambda k, a: a.update_weights.remote(ref, version)))
 
     def update_weights_from_disk(self, path: str,
                                  version: int | str | None = None) -> list[int | str]:
         """Every engine loads the safetensors directory at `path` (visible on every node)."""
         self._updated = True
-        return self._on_all("update_weights_from_disk", path, version)
+        return self._wait(self._update_each(
+            lambda k, a: a.update_weights_from_disk.remote(path, version)))
 
     def start_weight_receivers(self, timeout_s: float = 60.0) -> list[str]:
         """One ZMQ receiver per engine; the trainer sends to each with a
@@ -273,8 +309,10 @@ class RolloutGroup:
                                         ) -> list[int | str] | concurrent.futures.Future:
         """Every engine receives the trainer's broadcast (`WeightUpdateGroup.send`)."""
         self._updated = True
-        future = self._submit(self._each(lambda k, a: a.update_weights_from_distributed.remote(
-            names, dtypes, shapes, group_name, version, bucket_bytes)))
+        future = self._submit(self._update_each(
+            lambda k, a: a.update_weights_from_distributed.remote(names, dtypes, shapes,
+                                                                  group_name, version,
+                                                                  bucket_bytes)))
         return future.result() if wait else future
 
     def destroy_weights_update_group(self, group_name: str) -> None:
@@ -386,3 +424,10 @@ class RolloutGroup:
         for task in asyncio.all_tasks(self._loop):
             task.cancel()
         self._loop.call_soon(self._loop.stop)
+
+
+def _first_line(error: BaseException) -> str:
+    if isinstance(error, RayTaskError) and error.cause is not None:
+        error = error.cause  # the engine's own exception, not Ray's wrapper
+    line = next(iter(str(error).splitlines()), "")[:200]
+    return f"{type(error).__name__}: {line}".rstrip(": ")

@@ -48,13 +48,16 @@ class RolloutEngineAdapter(BaseRollout):
                              wire_format: str = "named_tensors", global_steps: int | None = None,
                              peft_config=None, base_sync_done: bool = True, **kwargs) -> None:
         """Load the trainer's weights into the engine in place; `global_steps` becomes the
-        weight version every later output reports."""
+        weight version every later output reports (None keeps the current one, as verl's
+        vLLM and SGLang servers do)."""
         if wire_format != "named_tensors":
             raise NotImplementedError(f"rollout_engine takes full tensors "
                                       f"(wire_format='named_tensors'), not {wire_format!r}")
         if peft_config is not None:
             raise NotImplementedError("rollout_engine loads full weights, not LoRA adapters: set "
                                       "actor_rollout_ref.model.lora.merge=True")
+        if global_steps is None:
+            global_steps = await self.server.weight_version.remote()
         target = await self.server.weight_receiver.remote()
         same_node = target["node_id"] == ray.get_runtime_context().get_node_id()
         bucket_bytes = self.config.checkpoint_engine.update_weights_bucket_megabytes << 20
@@ -73,6 +76,8 @@ def stream_weights(address: str, manifest: list[TensorMeta], aliases: set[str],
     does not have, or one that never arrives, fails the update; the engine then refuses to
     generate until a complete update lands. Returns the engine's new version."""
     dtypes = {m.name: dtype_from_name(m.dtype) for m in manifest}
+    shapes = {m.name: tuple(m.shape) for m in manifest}
+    seen: set[str] = set()
     with ZmqWeightSender(address, mode=mode, bucket_bytes=bucket_bytes) as sender:
         sender.begin({m.name: torch.empty(m.shape, dtype=dtypes[m.name], device="meta")
                       for m in manifest}, version)
@@ -86,6 +91,7 @@ def stream_weights(address: str, manifest: list[TensorMeta], aliases: set[str],
                     raise ValueError(f"the trainer sent {name!r}, which the rollout engine's "
                                      f"model does not have (it has {len(dtypes)} tensors, e.g. "
                                      f"{sorted(dtypes)[:3]})")
+                _check(name, tensor, shapes[name], seen)
                 bucket[name] = tensor.detach().to(dtypes[name], copy=True)
                 size += bucket[name].nbytes
                 if size >= bucket_bytes:
@@ -97,6 +103,19 @@ def stream_weights(address: str, manifest: list[TensorMeta], aliases: set[str],
                 sender.commit()  # closes the engine's transaction now, as broken
             raise
         return sender.commit()
+
+
+def _check(name: str, tensor: torch.Tensor, shape: tuple, seen: set[str]) -> None:
+    """What the engine checks of a manifest, for tensors the conversion above would hide: an
+    integer tensor cast to floats, a name sent twice (the second overwrote the first)."""
+    if name in seen:
+        raise ValueError(f"the trainer sent {name!r} twice")
+    seen.add(name)
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name}: dtype {tensor.dtype} is not a floating-point type")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the rollout engine's model has "
+                         f"{shape}")
 
 
 def _send_bucket(sender: ZmqWeightSender, bucket: dict[str, torch.Tensor]) -> None:

@@ -58,11 +58,9 @@ class RolloutEngineServer:
         if self._reject_requests:
             raise RuntimeError("generation is stopped (abort_all_requests(reject_request=True)); "
                                "resume_generation() lets requests in again")
-        prompt = [int(t) for t in prompt_ids]
+        # ids as given (a tensor or an array as a list): the engine refuses non-integers
+        prompt = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else list(prompt_ids)
         params, want_logprobs = self._sampling_params(dict(sampling_params), len(prompt))
-        if params is None:  # no room left for a response token
-            return TokenOutput(token_ids=[], log_probs=[] if want_logprobs else None,
-                               stop_reason="completed")
         out = (await self.engine.generate_async(prompt, params, request_id)).outputs[0]
         versions = out.weight_versions or [self.engine.weight_version]
         return TokenOutput(
@@ -72,8 +70,7 @@ class RolloutEngineServer:
             extra_fields={"global_steps": versions[-1], "min_global_steps": versions[0],
                           "max_global_steps": versions[-1]})  # versions in the order they came
 
-    def _sampling_params(self, params: dict, prompt_len: int) -> tuple[SamplingParams | None,
-                                                                       bool]:
+    def _sampling_params(self, params: dict, prompt_len: int) -> tuple[SamplingParams, bool]:
         penalty = params.pop("repetition_penalty", 1.0)
         if penalty != 1.0:
             raise ValueError(f"repetition_penalty={penalty} is not supported by rollout_engine; "
@@ -84,9 +81,11 @@ class RolloutEngineServer:
         if limit is None:
             s = self.settings
             limit = min(s.response_length, s.prompt_length + s.response_length - prompt_len)
-        max_tokens = min(limit, self.engine.max_model_len - prompt_len)
-        if max_tokens < 1:
-            return None, want_logprobs
+        room = self.engine.max_model_len - prompt_len
+        if room < 1:  # as verl's vLLM server: an error, not an empty response
+            raise ValueError(f"prompt of {prompt_len} tokens leaves no room for a response in "
+                             f"max_model_len {self.engine.max_model_len}")
+        max_tokens = min(limit, room)  # a limit under 1 is refused below, naming it
         params.setdefault("ignore_eos", self.settings.ignore_eos)
         return SamplingParams.from_dict({**params, "max_tokens": max_tokens}), want_logprobs
 
