@@ -228,6 +228,22 @@ def test_a_hung_engine_is_caught_by_the_health_check_and_none_left_fails_naming_
         group.shutdown()
 
 
+def test_batch_rollout_passes_prompt_rows_as_given_for_the_engine_to_check(qwen3_path):
+    """Rows of floats, bools or bytes are refused by the engine, naming them (int() made them
+    token ids before); rows of integers, as arrays, generate."""
+    rollout = BatchRollout(str(qwen3_path), SamplingParams(max_tokens=2), **ENGINE_OPTIONS)
+    for row, message in [(np.array([5.9, 300.7]), "prompt token 0 is 5.9"),
+                         (np.array([True, False]), "prompt token 0 is True"),
+                         (b"hello", "a prompt must be a string or a list of token ids")]:
+        column = np.empty(1, dtype=object)
+        column[0] = row
+        with pytest.raises(ValueError, match=message):
+            rollout({"prompt": column})
+    column = np.empty(1, dtype=object)
+    column[0] = np.array([5, 300, 301])
+    assert len(rollout({"prompt": column})["token_ids"][0]) == 2
+
+
 def test_ray_data_batch_rollout_matches_the_local_engine(ray_session, qwen3_path):
     prompts = [[(7 * i) % 500 + 1] + [(i * j) % 511 for j in range(3 + i % 29)]
                for i in range(200)]
