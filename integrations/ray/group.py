@@ -226,9 +226,7 @@ class RolloutGroup:
     async def _each(self, call: Callable[[int, ActorHandle], ray.ObjectRef]) -> list:
         """`call(position, actor)` on every ready engine; results in engine order. An engine
         that dies meanwhile is taken out of service and its error raised."""
-        slots = self._ready_slots()
-        results = await asyncio.gather(*(call(k, s.actor) for k, s in enumerate(slots)),
-                                       return_exceptions=True)
+        slots, results = await self._call_each(call)
         for slot, result in zip(slots, results):
             if isinstance(result, RayActorError):
                 self._lost(slot, result)
@@ -237,6 +235,12 @@ class RolloutGroup:
             raise errors[0]
         return results
 
+    async def _call_each(self, call: Callable[[int, ActorHandle], ray.ObjectRef]):
+        """(the ready slots, each one's result or exception)."""
+        slots = self._ready_slots()
+        return slots, await asyncio.gather(*(call(k, s.actor) for k, s in enumerate(slots)),
+                                           return_exceptions=True)
+
     def _on_all(self, method: str, *args, **kwargs) -> list:
         return self._wait(self._each(lambda k, a: getattr(a, method).remote(*args, **kwargs)))
 
@@ -244,9 +248,7 @@ class RolloutGroup:
         """A weight update on every ready engine. Where some commit it and others refuse, the
         group would answer from two versions: the refusing engines leave service (`replace`
         them: the new ones copy the committed weights) and the error names both sides."""
-        slots = self._ready_slots()
-        results = await asyncio.gather(*(call(k, s.actor) for k, s in enumerate(slots)),
-                                       return_exceptions=True)
+        slots, results = await self._call_each(call)
         failed = [(s, r) for s, r in zip(slots, results) if isinstance(r, BaseException)]
         if failed and len(failed) < len(slots):
             refused = {s.index for s, _ in failed}
@@ -259,7 +261,7 @@ class RolloutGroup:
                                f"update that engines {committed} committed (version "
                                f"{version!r}) and left service; replace() them. First error: "
                                f"{_first_line(failed[0][1])}")
-        for slot, result in failed:
+        for slot, result in failed:  # all refused: the group stays on its version
             if isinstance(result, RayActorError):
                 self._lost(slot, result)
         if failed:
