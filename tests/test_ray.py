@@ -83,7 +83,7 @@ def test_sessions_stay_on_one_engine_and_async_matches(group):
     assert [s.completed - b for s, b in zip(group.slots, before)] == [x and 5 for x in served]
 
 
-def test_one_gloo_group_updates_every_engine_then_release_and_resume_apply_to_all(
+def test_one_gloo_group_updates_every_engine_a_replacement_rejoins_then_release_and_resume(
         group, qwen3_path):
     model = trained(qwen3_path, 5)
     manifest = [(n, str(t.dtype).removeprefix("torch."), list(t.shape))
@@ -98,9 +98,25 @@ def test_one_gloo_group_updates_every_engine_then_release_and_resume_apply_to_al
     sent = finish(trainer)["checksum"]
     assert sent == weight_sync.checksum(model.named_parameters())
     assert group.weights_checksum() == [sent, sent]
+
+    group.replace(1)  # a new engine 1 (the old one's weights): not a member of "sync"
+    with pytest.raises(ValueError, match=r"engines \[1\] are not in weight update group 'sync'"):
+        group.update_weights_from_distributed(names, dtypes, shapes, "sync", version=4)
+    assert group.weight_versions() == [3, 3]
+    group.destroy_weights_update_group("sync")  # engine 0 leaves; engine 1 never joined
+    port = free_port()
+    trainer = peer("collective_trainer", path=str(qwen3_path), seed=6, master_port=port,
+                   world_size=3, bucket_bytes=1 << 16)
+    group.init_weights_update_group("127.0.0.1", port, "sync", backend="gloo")
+    assert group.update_weights_from_distributed(names, dtypes, shapes, "sync", version=4,
+                                                 bucket_bytes=1 << 16) == [4, 4]
+    sent = finish(trainer)["checksum"]
+    model = trained(qwen3_path, 6)
+    assert group.weights_checksum() == [sent, sent] == [weight_sync.checksum(
+        model.named_parameters())] * 2
     group.destroy_weights_update_group("sync")
     expected = comparable(local_generate(qwen3_path, PROMPTS, GREEDY,
-                                         model.named_parameters(), version=3))
+                                         model.named_parameters(), version=4))
     assert comparable(group.generate(PROMPTS, GREEDY)) == expected
 
     group.release_memory()
@@ -126,6 +142,34 @@ def test_one_zmq_sender_per_engine_updates_every_engine(group, qwen3_path):
 
 
 LONG = SamplingParams(temperature=1.0, seed=9, n=2, max_tokens=160, ignore_eos=True)
+
+
+def queued(group) -> int:
+    return sum(load["running"] + load["waiting"] for load in group.load())
+
+
+def test_a_cancelled_async_request_is_aborted_on_its_engine(group):
+    """A caller that gives up (an HTTP client gone) must not leave its samples in the engine,
+    holding KV cache and a slot until they finish on their own."""
+    group.pause_generation("in_place")  # requests queue and wait: nothing finishes by itself
+    try:
+        async def cancel_one():
+            task = asyncio.ensure_future(group.generate_async(PROMPTS[1], LONG))
+            deadline = time.monotonic() + 60
+            while queued(group) == 0:
+                assert time.monotonic() < deadline, "the request never reached an engine"
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        asyncio.run(cancel_one())
+        deadline = time.monotonic() + 30
+        while queued(group):
+            assert time.monotonic() < deadline, f"still in the engines: {group.load()}"
+            time.sleep(0.05)
+    finally:
+        group.continue_generation()
+    assert group.size == 2
 
 
 def generate_in_background(group, prompts, params, engines=(0, 1)):
@@ -180,6 +224,41 @@ def test_a_killed_engine_loses_nothing_and_replacements_restore_the_group(ray_se
         before = [s.completed for s in group.slots]
         assert samples(group.generate(PROMPTS, LONG)) == samples(local)
         assert [s.completed - b for s, b in zip(group.slots, before)] == [3, 3]
+    finally:
+        group.shutdown()
+
+
+def test_an_engine_replaced_while_the_memory_is_released_joins_with_the_groups_weights(
+        ray_session, qwen3_path):
+    """Between rollouts the group's memory is released for training; an engine lost then is
+    replaced with the weights the group holds (backed up: copied on resume; discarded: the
+    next update reaches it like the others)."""
+    group = new_group(qwen3_path)
+    try:
+        model = trained(qwen3_path, 9)
+        group.update_weights(model.named_parameters(), version=9)
+        checksum = weight_sync.checksum(model.named_parameters())
+        group.release_memory()  # weights backed up
+        group.replace(1)
+        assert group.size == 1 and "waiting for resume_memory()" in group.slots[1].error
+        stats = ray.get(group.slots[1].actor.memory_stats.remote())
+        assert stats["weights"] == 0 and stats["kv_cache"] == 0
+        group.resume_memory()
+        assert group.size == 2 and group.weight_versions() == [9, 9]
+        assert group.weights_checksum() == [checksum, checksum]
+
+        group.release_memory(weights="discard")  # an update follows
+        group.replace(0)
+        assert group.size == 2
+        assert ray.get(group.slots[0].actor.memory_stats.remote())["weights"] == 0
+        group.resume_memory()
+        model = trained(qwen3_path, 10)
+        assert group.update_weights(model.named_parameters(), version=10) == [10, 10]
+        checksum = weight_sync.checksum(model.named_parameters())
+        assert group.weights_checksum() == [checksum, checksum]
+        local = local_generate(qwen3_path, PROMPTS, GREEDY, model.named_parameters(),
+                               version=10)
+        assert comparable(group.generate(PROMPTS, GREEDY)) == comparable(local)
     finally:
         group.shutdown()
 

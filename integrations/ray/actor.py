@@ -100,6 +100,9 @@ class EngineActor:
     async def send_weights(self, address: str, mode: str = "bytes") -> int | str:
         """Push this engine's weights and version to another engine's receiver at `address`
         (how a replacement engine catches up with its group). Returns the receiver's version."""
+        if self.engine.memory_stats()["released"]["weights"]:
+            raise RuntimeError("this engine's weights are released; resume_memory(['weights']) "
+                               "before sending them")
         def send() -> int:
             with ZmqWeightSender(address, mode=mode) as sender:
                 return sender.send(engine_state.named_weights(self.engine),

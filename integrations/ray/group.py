@@ -19,7 +19,7 @@ import logging
 import numbers
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -51,6 +51,8 @@ class EngineSlot:
     in_flight: int = 0  # samples sent and not yet returned
     completed: int = 0  # requests it answered
     error: str | None = None  # why it was taken out of service
+    waiting: bool = False  # a replacement waiting for the group's weights to come back
+    collectives: set[str] = field(default_factory=set)  # weight update groups it joined
 
     def describe(self) -> str:
         state = "ready" if self.ready else self.error or "starting"
@@ -84,6 +86,7 @@ class RolloutGroup:
         self._sessions: dict[str, int] = {}
         self._paused = False
         self._released: set[str] = set()
+        self._discarded = False  # the weights were released with weights="discard"
         self._updated = False  # weights changed since the checkpoint: replacements copy them
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="rollout-group", daemon=True).start()
@@ -212,21 +215,26 @@ class RolloutGroup:
         while True:
             slot = self._pick(session_id)
             slot.in_flight += samples
+            call = slot.actor.generate_one.remote(prompt, params)
             try:
-                output = await slot.actor.generate_one.remote(prompt, params)
+                output = await call
                 slot.completed += 1
                 return output
             except RayActorError as e:
                 self._lost(slot, e)
+            except asyncio.CancelledError:  # the caller gave up: the engine stops it too
+                ray.cancel(call)
+                raise
             finally:
                 slot.in_flight -= samples
 
     # ---------------------------------------------------------------- every engine at once
 
-    async def _each(self, call: Callable[[int, ActorHandle], ray.ObjectRef]) -> list:
-        """`call(position, actor)` on every ready engine; results in engine order. An engine
-        that dies meanwhile is taken out of service and its error raised."""
-        slots, results = await self._call_each(call)
+    async def _each(self, call: Callable[[int, ActorHandle], ray.ObjectRef],
+                    slots: list[EngineSlot] | None = None) -> list:
+        """`call(position, actor)` on every ready engine (or on `slots`); results in engine
+        order. An engine that dies meanwhile is taken out of service and its error raised."""
+        slots, results = await self._call_each(call, slots)
         for slot, result in zip(slots, results):
             if isinstance(result, RayActorError):
                 self._lost(slot, result)
@@ -235,9 +243,10 @@ class RolloutGroup:
             raise errors[0]
         return results
 
-    async def _call_each(self, call: Callable[[int, ActorHandle], ray.ObjectRef]):
-        """(the ready slots, each one's result or exception)."""
-        slots = self._ready_slots()
+    async def _call_each(self, call: Callable[[int, ActorHandle], ray.ObjectRef],
+                         slots: list[EngineSlot] | None = None):
+        """(the slots, by default the ready ones; each one's result or exception)."""
+        slots = slots or self._ready_slots()
         return slots, await asyncio.gather(*(call(k, s.actor) for k, s in enumerate(slots)),
                                            return_exceptions=True)
 
@@ -296,13 +305,20 @@ class RolloutGroup:
         """Every engine joins one collective group with the trainer: trainer rank 0, engine i
         at rank i + 1, world size engines + 1. Blocks until the trainer joined too; with
         wait=False returns a future (for a trainer in this same process)."""
-        world_size = self.size + 1
-        future = self._submit(self._each(lambda k, a: a.init_weights_update_group.remote(
-            master_address, master_port, k + 1, world_size, group_name, backend, timeout_s)))
+        future = self._submit(self._join(master_address, master_port, group_name, backend,
+                                         timeout_s))
         if not wait:
             return future
         future.result()
         return None
+
+    async def _join(self, master_address: str, master_port: int, group_name: str,
+                    backend: str | None, timeout_s: float) -> None:
+        slots = self._ready_slots()
+        await self._each(lambda k, a: a.init_weights_update_group.remote(
+            master_address, master_port, k + 1, len(slots) + 1, group_name, backend, timeout_s))
+        for slot in slots:
+            slot.collectives.add(group_name)
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
                                         group_name: str, version: int | str | None = None,
@@ -310,6 +326,11 @@ class RolloutGroup:
                                         wait: bool = True
                                         ) -> list[int | str] | concurrent.futures.Future:
         """Every engine receives the trainer's broadcast (`WeightUpdateGroup.send`)."""
+        outside = [s.index for s in self._ready_slots() if group_name not in s.collectives]
+        if outside:
+            raise ValueError(f"engines {outside} are not in weight update group {group_name!r} "
+                             "(replaced since it was formed): destroy_weights_update_group("
+                             f"{group_name!r}) and init it again, with the trainer")
         self._updated = True
         future = self._submit(self._update_each(
             lambda k, a: a.update_weights_from_distributed.remote(names, dtypes, shapes,
@@ -318,7 +339,16 @@ class RolloutGroup:
         return future.result() if wait else future
 
     def destroy_weights_update_group(self, group_name: str) -> None:
-        self._on_all("destroy_weights_update_group", group_name)
+        """Every ready engine that joined `group_name` leaves it."""
+        self._wait(self._leave(group_name))
+
+    async def _leave(self, group_name: str) -> None:
+        members = [s for s in self._ready_slots() if group_name in s.collectives]
+        if not members:
+            raise ValueError(f"no engine of the group is in weight update group {group_name!r}")
+        await self._each(lambda k, a: a.destroy_weights_update_group.remote(group_name), members)
+        for slot in members:
+            slot.collectives.discard(group_name)
 
     def weights_checksum(self) -> list[str]:
         """Every ready engine's checksum, in engine order."""
@@ -332,13 +362,18 @@ class RolloutGroup:
     def release_memory(self, tags: Sequence[str] | str | None = None, weights: str = "backup",
                        pause_mode: str = "retract") -> None:
         self._on_all("release_memory", tags, weights, pause_mode)
-        self._released |= {tags} if isinstance(tags, str) else set(tags or ("weights",
-                                                                             "kv_cache"))
+        tags = _tag_set(tags)
+        if "weights" in tags and "weights" not in self._released:
+            self._discarded = weights == "discard"
+        self._released |= tags
 
     def resume_memory(self, tags: Sequence[str] | str | None = None) -> None:
+        """Every ready engine takes its memory back; once the weights are back, replacements
+        started meanwhile copy them and join."""
         self._on_all("resume_memory", tags)
-        self._released -= {tags} if isinstance(tags, str) else set(tags or ("weights",
-                                                                             "kv_cache"))
+        self._released -= _tag_set(tags)
+        if "weights" not in self._released:
+            self._wait(self._admit_waiting())
 
     def pause_generation(self, mode: str = "abort") -> None:
         self._on_all("pause_generation", mode)
@@ -381,7 +416,9 @@ class RolloutGroup:
 
     def replace(self, index: int) -> None:
         """Start a new engine in slot `index` (the old one is killed if still alive). It takes
-        work once it holds the group's weights: copied from a ready engine, checksums equal."""
+        work once it holds the group's weights: copied from a ready engine, checksums equal.
+        While the group's weights are released (backed up, after an update), it waits with its
+        memory released and copies them in `resume_memory`."""
         if not 0 <= index < len(self.slots):
             raise ValueError(f"engine index {index} is outside the group of {len(self.slots)}")
         self._wait(self._replace(index))
@@ -390,26 +427,56 @@ class RolloutGroup:
         slot = self.slots[index]
         if slot.actor is not None:
             ray.kill(slot.actor, no_restart=True)
-        slot.ready, slot.error = False, "being replaced"
+        slot.ready, slot.waiting, slot.error = False, False, "being replaced"
+        slot.collectives.clear()
         donors = [s for s in self.slots if s.ready]
         if not donors and self._updated:
             slot.error = "replacement needs a ready engine to copy the weights from"
             raise NoEngineLeftError(f"engine {index} cannot be replaced: no engine of the group "
                                     "holds its current weights; update the weights of a new "
                                     "group instead")
-        slot.actor = actor = self._start(index)
-        if donors:
-            address = await actor.start_weight_receiver.remote()
-            await donors[0].actor.send_weights.remote(address)
-            want, got = await asyncio.gather(donors[0].actor.weights_checksum.remote(),
-                                             actor.weights_checksum.remote())
-            if want != got:
-                slot.error = f"weights checksum {got} differs from the group's {want}"
-                raise RuntimeError(f"engine {index}: {slot.error}")
+        slot.actor = self._start(index)
+        if "weights" not in self._released and donors:
+            await self._copy_weights(donors[0], slot)
+        elif self._updated and not self._discarded:  # the group's weights are in its backups
+            await slot.actor.release_memory.remote(None, "discard")
+            slot.waiting = True
+            slot.error = "waiting for resume_memory() to copy the group's weights"
+            return
+        # else the group holds the checkpoint (this engine's weights) or waits for an update
+        await self._match_group(slot)
+
+    async def _admit_waiting(self) -> None:
+        failed = []
+        for slot in [s for s in self.slots if s.waiting]:
+            slot.waiting = False
+            try:
+                await slot.actor.resume_memory.remote(None)
+                await self._copy_weights(self._ready_slots()[0], slot)
+                await self._match_group(slot)
+            except Exception as e:
+                slot.error = f"copying the group's weights failed: {_first_line(e)}"
+                failed.append(slot.describe())
+        if failed:
+            raise RuntimeError("the memory is back, but replacements could not join: "
+                               + "; ".join(failed))
+
+    async def _copy_weights(self, donor: EngineSlot, slot: EngineSlot) -> None:
+        address = await slot.actor.start_weight_receiver.remote()
+        await donor.actor.send_weights.remote(address)
+        want, got = await asyncio.gather(donor.actor.weights_checksum.remote(),
+                                         slot.actor.weights_checksum.remote())
+        if want != got:
+            slot.error = f"weights checksum {got} differs from the group's {want}"
+            raise RuntimeError(f"engine {slot.index}: {slot.error}")
+
+    async def _match_group(self, slot: EngineSlot) -> None:
+        """Pause and release as the group is, then take work."""
         if self._paused:
-            await actor.pause_generation.remote("in_place")
+            await slot.actor.pause_generation.remote("in_place")
         if self._released:
-            await actor.release_memory.remote(sorted(self._released))
+            await slot.actor.release_memory.remote(
+                sorted(self._released), "discard" if self._discarded else "backup")
         slot.ready, slot.error = True, None
 
     def shutdown(self) -> None:
@@ -426,6 +493,10 @@ class RolloutGroup:
         for task in asyncio.all_tasks(self._loop):
             task.cancel()
         self._loop.call_soon(self._loop.stop)
+
+
+def _tag_set(tags: Sequence[str] | str | None) -> set[str]:
+    return {tags} if isinstance(tags, str) else set(tags or ("weights", "kv_cache"))
 
 
 def _first_line(error: BaseException) -> str:
