@@ -16,9 +16,14 @@ dtype and address alignment, whose values make any change of summation order sho
   the operand is wide), whose bits are the tile's class signature.
 
 Tiles that pass and give the probe rows (`SIGNATURE_ROWS`, or fewer where each has enough
-columns for `SIGNATURE_ELEMENTS` outputs) the same bits form a class; the plan is the class with
-the largest tile, so any row count is covered by tiles of one class. Where no tile passes, the
-op runs an implementation that owns its reduction order (exact, slower) and the report says so.
+columns for `SIGNATURE_ELEMENTS` outputs) the same bits form a class; every row count is covered
+by tiles of the one class chosen. A BLAS may keep several (oneDNN's AMX kernels on Intel Xeon:
+rows 1-32, 40-176, 192-256 and 320-512 of one shape, each sum their own way); the plan is the
+class that covers the row counts of decode batches and prefill chunks (`ROW_COUNTS`) at the
+least modeled cost, a call costing its tile plus `CALL_OVERHEAD_ROWS`. Tile sizes only, never
+timings: every process on the machine (the engine, the trainer under the mode) picks the same
+class. Where no tile passes, the op runs an implementation that owns its reduction order (exact,
+slower) and the report says so.
 """
 
 import time
@@ -40,6 +45,11 @@ MAX_BATCH = 256
 BATCH_COUNTS = (1, 2, 3, 4, 7, 16, 64, MAX_BATCH - 1, MAX_BATCH)
 SIGNATURE_ROWS = 32  # at most; fewer rows where each has many columns
 SIGNATURE_ELEMENTS = 4096
+# Choosing among classes: row counts from one decode row to a long prefill chunk, each octave
+# weighted alike; a call's cost in rows is its tile plus a fixed overhead (reading the weight
+# and setting up the call take as long as tens of rows of arithmetic).
+ROW_COUNTS = tuple(2 ** i for i in range(12))
+CALL_OVERHEAD_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -222,8 +232,8 @@ def _candidates(like: torch.Tensor) -> tuple[int, ...]:
 def prove_tiles(product: Product, like: torch.Tensor,
                 candidates: tuple[int, ...] | None = None, twin: Product | None = None) -> Plan:
     """The class of row tiles proven invariant for `product` against an operand like `like`
-    ([K, N], or [B, K, N] for a batched call), the class holding the largest passing tile (see
-    the module docstring); an empty plan when no candidate passes. `twin`: another call of the
+    ([K, N], or [B, K, N] for a batched call), the class of passing tiles with the least
+    modeled cost (see the module docstring); an empty plan when no candidate passes. `twin`: another call of the
     same product (a single-matrix operand), checked to give every tile of the class the same
     bits as `product` on the probe (the plan's `twin`)."""
     candidates = candidates or _candidates(like)
@@ -263,8 +273,16 @@ def prove_tiles(product: Product, like: torch.Tensor,
             classes.setdefault(signature.float().numpy().tobytes(), []).append(t)
     if not classes:
         return Plan(())
-    tiles = tuple(max(classes.values(), key=lambda ts: (max(ts), len(ts))))
+    tiles = tuple(min(classes.values(), key=lambda ts: (modeled_cost(ts), -max(ts))))
     return Plan(tiles, tuple(cost[t] for t in tiles), all(agrees[t] for t in tiles))
+
+
+def modeled_cost(tiles: list[int]) -> float:
+    """How well a class of tiles covers `ROW_COUNTS`: per row count, the calls' modeled cost
+    over that of one call of exactly those rows, summed."""
+    plan = Plan(tuple(tiles), tuple(t + CALL_OVERHEAD_ROWS for t in tiles))
+    return sum(sum(t + CALL_OVERHEAD_ROWS for _, _, t in plan.chunks(rows))
+               / (rows + CALL_OVERHEAD_ROWS) for rows in ROW_COUNTS)
 
 
 def record(op: str, shape: str, dtype: torch.dtype | str, method: str,

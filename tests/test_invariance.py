@@ -89,6 +89,26 @@ def test_the_prover_rejects_tiles_whose_rows_depend_on_their_position(fresh_plan
     assert 16 in invariance.prove_tiles(lambda a, b: torch.mm(a[0], b).unsqueeze(0), w_t).tiles
 
 
+def test_among_several_classes_the_one_covering_decode_and_prefill_rows_best_is_chosen(
+        fresh_plans):
+    """oneDNN's AMX kernels on Intel Xeon sum rows 1-32, 40-176 and 192-512 of one shape three
+    ways. The class with the largest tile would pad every decode batch of 64 rows to 192; the
+    plan takes the class whose tiles cover 1 to 2048 rows at the least modeled cost, by tile
+    sizes only, so every process (engine and trainer) takes the same one."""
+    gen = torch.Generator().manual_seed(3)
+    w_t = torch.randn(48, 32, generator=gen).t()
+    orders = [torch.randperm(32, generator=gen) for _ in range(3)]
+
+    def three_kernels(a, b):
+        order = orders[(a.shape[1] > 32) + (a.shape[1] > 176)]
+        return cpu.owned_mm(a[..., order], b[order])  # each row alone, in the class's order
+
+    plan = invariance.prove_tiles(three_kernels, w_t)
+    assert (plan.tiles[0], plan.tiles[-1]) == (36, 176)
+    assert invariance.modeled_cost([192, 256, 512]) > invariance.modeled_cost(plan.tiles)
+    assert 64 in plan.tiles  # a decode batch of 64 rows in one call, unpadded
+
+
 def test_a_failed_proof_falls_back_to_our_own_order_and_stays_bitwise(
         qwen3_path, monkeypatch, fresh_plans, cpu_kernels):
     monkeypatch.setattr(cpu, "blas_mm", reversed_on_odd_rows(torch.mm))
