@@ -202,19 +202,27 @@ def _probe_like(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return probe
 
 
-TIMING_BUDGET_S = 0.02  # per tile: small calls are timed again until this much time is spent
+TIMING_BUDGET_S = 0.2  # per plan: rounds of calls of every tile, until this much is spent
+MAX_TIMING_ROUNDS = 16
 
 
-def _cost(run: Run, a: torch.Tensor, b: int, times: list[float]) -> float:
-    """Seconds one call of the tile takes: the least of its full-size calls so far (the tile
-    and its rolled copy), with more calls where they are quick (one call of a busy machine can
-    take ten times the next)."""
-    times = list(times)
-    while sum(times) < TIMING_BUDGET_S and len(times) < 8:
-        start = time.perf_counter()
-        run(a, slice(0, b))
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _costs(run: Run, probe: torch.Tensor, tiles: tuple[int, ...]) -> tuple[float, ...]:
+    """Seconds one call of each tile takes: the least over rounds that call every tile in turn.
+    A machine's speed drifts over seconds (a shared host: 2x here), so tiles timed one after
+    another would be compared across a drift; in turns, each round sees one speed."""
+    best = [float("inf")] * len(tiles)
+    calls = [probe[:, :t].contiguous() for t in tiles]
+    spent, rounds = 0.0, 0
+    while (spent < TIMING_BUDGET_S or rounds < 2) and rounds < MAX_TIMING_ROUNDS:
+        for i, a in enumerate(calls):
+            start = time.perf_counter()
+            run(a, slice(0, a.shape[0]))
+            elapsed = time.perf_counter() - start
+            best[i], spent = min(best[i], elapsed), spent + elapsed
+        rounds += 1
+        if rounds == 1 and spent > 5 * TIMING_BUDGET_S:  # slow calls (a vocabulary): one round
+            break
+    return tuple(best)
 
 
 def powers_of_two(tiles: tuple[int, ...]) -> tuple[int, ...]:
@@ -233,9 +241,9 @@ def prove_tiles(product: Product, like: torch.Tensor,
                 candidates: tuple[int, ...] | None = None, twin: Product | None = None) -> Plan:
     """The class of row tiles proven invariant for `product` against an operand like `like`
     ([K, N], or [B, K, N] for a batched call), the class of passing tiles with the least
-    modeled cost (see the module docstring); an empty plan when no candidate passes. `twin`: another call of the
-    same product (a single-matrix operand), checked to give every tile of the class the same
-    bits as `product` on the probe (the plan's `twin`)."""
+    modeled cost (see the module docstring); an empty plan when no candidate passes. `twin`:
+    another call of the same product (a single-matrix operand), checked to give every tile of
+    the class the same bits as `product` on the probe (the plan's `twin`)."""
     candidates = candidates or _candidates(like)
     gen = torch.Generator().manual_seed(0)
     batched = like.dim() == 3
@@ -244,13 +252,8 @@ def prove_tiles(product: Product, like: torch.Tensor,
     pairs = (perm[:k // 2], perm[k // 2:2 * (k // 2)])
     operand = _probe_like(like, _cancelling(tuple(like.shape), like.dtype, pairs, -1.0, gen))
 
-    times: list[float] = []
-
     def run(a: torch.Tensor, batch: slice) -> torch.Tensor:
-        start = time.perf_counter()
-        out = product(a, operand[batch] if batched else operand)
-        times.append(time.perf_counter() - start)
-        return out
+        return product(a, operand[batch] if batched else operand)
 
     b = like.shape[0] if batched else 1
     probe = _cancelling((b, max(candidates), k), like.dtype, pairs, 1.0, gen)
@@ -258,15 +261,12 @@ def prove_tiles(product: Product, like: torch.Tensor,
     rows = torch.cat([probe[0, :1], rows])[:SIGNATURE_ROWS]  # row 0: the probe's first row
     counts = BATCH_COUNTS if batched else ()
     classes: dict[bytes, list[int]] = {}
-    cost: dict[int, float] = {}
     agrees: dict[int, bool] = {}
     for t in candidates:
         a = probe[:, :t].contiguous()
-        times.clear()
         full = run(a, slice(0, b))
         if not _tile_holds(run, a, full, counts):
             continue
-        cost[t] = _cost(run, a, b, times[:2])
         agrees[t] = twin is not None and torch.equal(twin(a, operand), full)
         signature = _signature(run, rows, t)
         if torch.equal(signature[0], full[0, 0]):  # the first row alone (or among others)
@@ -274,7 +274,7 @@ def prove_tiles(product: Product, like: torch.Tensor,
     if not classes:
         return Plan(())
     tiles = tuple(min(classes.values(), key=lambda ts: (modeled_cost(ts), -max(ts))))
-    return Plan(tiles, tuple(cost[t] for t in tiles), all(agrees[t] for t in tiles))
+    return Plan(tiles, _costs(run, probe, tiles), all(agrees[t] for t in tiles))
 
 
 def modeled_cost(tiles: list[int]) -> float:
