@@ -14,6 +14,14 @@ def load(engine: Engine) -> dict[str, int]:
     return {"running": len(scheduler.running), "waiting": len(scheduler.waiting)}
 
 
+def weights_state(engine: Engine) -> str:
+    """"incomplete" (discarded, a broken update or one under way: an update fills them),
+    "released" (backed up off the device) or "complete"."""
+    if engine.weights.broken is not None or engine.weights.txn is not None:
+        return "incomplete"
+    return "released" if engine.memory_stats()["released"]["weights"] else "complete"
+
+
 def named_weights(engine: Engine) -> list[tuple[str, torch.Tensor]]:
     """The weights as a trainer names them (views into the engine's parameters, no copy); what
     `weights_checksum()` digests, so another engine loaded from these has the same checksum."""

@@ -100,7 +100,8 @@ def test_one_gloo_group_updates_every_engine_a_replacement_rejoins_then_release_
     assert group.weights_checksum() == [sent, sent]
 
     group.replace(1)  # a new engine 1 (the old one's weights): not a member of "sync"
-    with pytest.raises(ValueError, match=r"engines \[1\] are not in weight update group 'sync'"):
+    with pytest.raises(ValueError, match=r"group 'sync' lost members since it was formed: "
+                                         r"engines \[1\] are not in it"):
         group.update_weights_from_distributed(names, dtypes, shapes, "sync", version=4)
     assert group.weight_versions() == [3, 3]
     group.destroy_weights_update_group("sync")  # engine 0 leaves; engine 1 never joined
@@ -259,6 +260,25 @@ def test_an_engine_replaced_while_the_memory_is_released_joins_with_the_groups_w
         local = local_generate(qwen3_path, PROMPTS, GREEDY, model.named_parameters(),
                                version=10)
         assert comparable(group.generate(PROMPTS, GREEDY)) == comparable(local)
+
+        group.release_memory(weights="discard")
+        model = trained(qwen3_path, 11)
+        group.update_weights(model.named_parameters(), version=11)  # the weights are back
+        group.replace(1)  # copies version 11, not a discarded engine
+        group.resume_memory()
+        checksum = weight_sync.checksum(model.named_parameters())
+        assert group.weight_versions() == [11, 11]
+        assert group.weights_checksum() == [checksum, checksum]
+
+        group.release_memory(weights="discard")
+        group.resume_memory(["weights"])  # resident, empty: an update comes next
+        group.replace(0)  # joins empty too, never copying the discarded engine's bytes
+        assert ray.get(group.slots[0].actor.weights_state.remote()) == "incomplete"
+        model = trained(qwen3_path, 12)
+        assert group.update_weights(model.named_parameters(), version=12) == [12, 12]
+        checksum = weight_sync.checksum(model.named_parameters())
+        assert group.weights_checksum() == [checksum, checksum]
+        group.resume_memory()
     finally:
         group.shutdown()
 

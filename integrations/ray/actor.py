@@ -100,14 +100,19 @@ class EngineActor:
     async def send_weights(self, address: str, mode: str = "bytes") -> int | str:
         """Push this engine's weights and version to another engine's receiver at `address`
         (how a replacement engine catches up with its group). Returns the receiver's version."""
-        if self.engine.memory_stats()["released"]["weights"]:
-            raise RuntimeError("this engine's weights are released; resume_memory(['weights']) "
-                               "before sending them")
+        state = engine_state.weights_state(self.engine)
+        if state != "complete":
+            raise RuntimeError(f"this engine's weights are {state}: only complete, resident "
+                               "weights are sent")
         def send() -> int:
             with ZmqWeightSender(address, mode=mode) as sender:
                 return sender.send(engine_state.named_weights(self.engine),
                                    version=self.engine.weight_version)
         return await self._blocking(send)
+
+    async def weights_state(self) -> str:
+        """"complete", "released" or "incomplete" (see `engine_state.weights_state`)."""
+        return engine_state.weights_state(self.engine)
 
     async def weights_checksum(self) -> str:
         return await self._blocking(self.engine.weights_checksum)

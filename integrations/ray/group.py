@@ -86,8 +86,10 @@ class RolloutGroup:
         self._sessions: dict[str, int] = {}
         self._paused = False
         self._released: set[str] = set()
-        self._discarded = False  # the weights were released with weights="discard"
         self._updated = False  # weights changed since the checkpoint: replacements copy them
+        # replacements, updates and memory/pause changes take turns: each sees the group's state
+        # (released, paused, members, weights) as the one before it left it
+        self._turn = asyncio.Lock()
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="rollout-group", daemon=True).start()
         try:  # every engine loaded
@@ -246,18 +248,34 @@ class RolloutGroup:
     async def _call_each(self, call: Callable[[int, ActorHandle], ray.ObjectRef],
                          slots: list[EngineSlot] | None = None):
         """(the slots, by default the ready ones; each one's result or exception)."""
-        slots = slots or self._ready_slots()
+        slots = self._ready_slots() if slots is None else slots
         return slots, await asyncio.gather(*(call(k, s.actor) for k, s in enumerate(slots)),
                                            return_exceptions=True)
 
     def _on_all(self, method: str, *args, **kwargs) -> list:
         return self._wait(self._each(lambda k, a: getattr(a, method).remote(*args, **kwargs)))
 
+    async def _in_turn(self, method: str, *args, then: Callable[[], None] | None = None):
+        """`method` on every ready engine, in turn with replacements and updates; `then`
+        records the group's new state on the loop, before the next turn."""
+        async with self._turn:
+            results = await self._each(lambda k, a: getattr(a, method).remote(*args))
+            if then is not None:
+                then()
+            return results
+
     async def _update_each(self, call: Callable[[int, ActorHandle], ray.ObjectRef]) -> list:
         """A weight update on every ready engine. Where some commit it and others refuse, the
         group would answer from two versions: the refusing engines leave service (`replace`
         them: the new ones copy the committed weights) and the error names both sides."""
+        async with self._turn:
+            return await self._update_each_in_turn(call)
+
+    async def _update_each_in_turn(self, call: Callable[[int, ActorHandle], ray.ObjectRef]):
+        self._updated = True
         slots, results = await self._call_each(call)
+        if any(not isinstance(r, BaseException) for r in results):
+            self._released.discard("weights")  # an update brings released weights back
         failed = [(s, r) for s, r in zip(slots, results) if isinstance(r, BaseException)]
         if failed and len(failed) < len(slots):
             refused = {s.index for s, _ in failed}
@@ -275,6 +293,7 @@ class RolloutGroup:
                 self._lost(slot, result)
         if failed:
             raise failed[0][1]
+        await self._admit_waiting()  # replacements waiting for the weights take the new ones
         return results
 
     # ---------------------------------------------------------------- weights
@@ -283,13 +302,11 @@ class RolloutGroup:
                        version: int | str | None = None) -> list[int | str]:
         """In-process update of every engine: the tensors go to Ray's object store once."""
         ref = ray.put([(name, t.detach().cpu()) for name, t in named_tensors])
-        self._updated = True
         return self._wait(self._update_each(lambda k, a: a.update_weights.remote(ref, version)))
 
     def update_weights_from_disk(self, path: str,
                                  version: int | str | None = None) -> list[int | str]:
         """Every engine loads the safetensors directory at `path` (visible on every node)."""
-        self._updated = True
         return self._wait(self._update_each(
             lambda k, a: a.update_weights_from_disk.remote(path, version)))
 
@@ -314,11 +331,13 @@ class RolloutGroup:
 
     async def _join(self, master_address: str, master_port: int, group_name: str,
                     backend: str | None, timeout_s: float) -> None:
-        slots = self._ready_slots()
-        await self._each(lambda k, a: a.init_weights_update_group.remote(
-            master_address, master_port, k + 1, len(slots) + 1, group_name, backend, timeout_s))
-        for slot in slots:
-            slot.collectives.add(group_name)
+        async with self._turn:
+            slots = self._ready_slots()
+            await self._each(lambda k, a: a.init_weights_update_group.remote(
+                master_address, master_port, k + 1, len(slots) + 1, group_name, backend,
+                timeout_s))
+            for slot in slots:
+                slot.collectives.add(group_name)
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list,
                                         group_name: str, version: int | str | None = None,
@@ -326,29 +345,46 @@ class RolloutGroup:
                                         wait: bool = True
                                         ) -> list[int | str] | concurrent.futures.Future:
         """Every engine receives the trainer's broadcast (`WeightUpdateGroup.send`)."""
-        outside = [s.index for s in self._ready_slots() if group_name not in s.collectives]
-        if outside:
-            raise ValueError(f"engines {outside} are not in weight update group {group_name!r} "
-                             "(replaced since it was formed): destroy_weights_update_group("
-                             f"{group_name!r}) and init it again, with the trainer")
-        self._updated = True
-        future = self._submit(self._update_each(
-            lambda k, a: a.update_weights_from_distributed.remote(names, dtypes, shapes,
-                                                                  group_name, version,
-                                                                  bucket_bytes)))
+        future = self._submit(self._broadcast(group_name, lambda k, a: (
+            a.update_weights_from_distributed.remote(names, dtypes, shapes, group_name, version,
+                                                     bucket_bytes))))
         return future.result() if wait else future
+
+    async def _broadcast(self, group_name: str, call) -> list[int | str]:
+        async with self._turn:
+            outside = [s.index for s in self._ready_slots() if group_name not in s.collectives]
+            gone = [s.index for s in self.slots if not s.ready and group_name in s.collectives]
+            lost = ([f"engines {outside} are not in it (replaced)"] if outside else []) + (
+                [f"engines {gone} left service"] if gone else [])
+            if lost:
+                raise ValueError(f"weight update group {group_name!r} lost members since it was "
+                                 f"formed: {'; '.join(lost)}; destroy_weights_update_group("
+                                 f"{group_name!r}) and init it again, with the trainer")
+            return await self._update_each_in_turn(call)
 
     def destroy_weights_update_group(self, group_name: str) -> None:
         """Every ready engine that joined `group_name` leaves it."""
         self._wait(self._leave(group_name))
 
     async def _leave(self, group_name: str) -> None:
-        members = [s for s in self._ready_slots() if group_name in s.collectives]
-        if not members:
-            raise ValueError(f"no engine of the group is in weight update group {group_name!r}")
-        await self._each(lambda k, a: a.destroy_weights_update_group.remote(group_name), members)
-        for slot in members:
-            slot.collectives.discard(group_name)
+        async with self._turn:
+            for slot in self.slots:
+                if not slot.ready:
+                    slot.collectives.discard(group_name)  # dead or replaced: no longer a member
+            members = [s for s in self._ready_slots() if group_name in s.collectives]
+            if not members:
+                raise ValueError(f"no engine of the group is in weight update group "
+                                 f"{group_name!r}")
+            slots, results = await self._call_each(
+                lambda k, a: a.destroy_weights_update_group.remote(group_name), members)
+            for slot, result in zip(slots, results):
+                if not isinstance(result, BaseException):
+                    slot.collectives.discard(group_name)
+                elif isinstance(result, RayActorError):
+                    self._lost(slot, result)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
 
     def weights_checksum(self) -> list[str]:
         """Every ready engine's checksum, in engine order."""
@@ -361,27 +397,28 @@ class RolloutGroup:
 
     def release_memory(self, tags: Sequence[str] | str | None = None, weights: str = "backup",
                        pause_mode: str = "retract") -> None:
-        self._on_all("release_memory", tags, weights, pause_mode)
-        tags = _tag_set(tags)
-        if "weights" in tags and "weights" not in self._released:
-            self._discarded = weights == "discard"
-        self._released |= tags
+        self._wait(self._in_turn("release_memory", tags, weights, pause_mode,
+                                 then=lambda: self._released.update(_tag_set(tags))))
 
     def resume_memory(self, tags: Sequence[str] | str | None = None) -> None:
         """Every ready engine takes its memory back; once the weights are back, replacements
         started meanwhile copy them and join."""
-        self._on_all("resume_memory", tags)
-        self._released -= _tag_set(tags)
-        if "weights" not in self._released:
-            self._wait(self._admit_waiting())
+        self._wait(self._resume(tags))
+
+    async def _resume(self, tags) -> None:
+        async with self._turn:
+            await self._each(lambda k, a: a.resume_memory.remote(tags))
+            self._released -= _tag_set(tags)
+            if "weights" not in self._released:
+                await self._admit_waiting()
 
     def pause_generation(self, mode: str = "abort") -> None:
-        self._on_all("pause_generation", mode)
-        self._paused = True
+        self._wait(self._in_turn("pause_generation", mode,
+                                 then=lambda: setattr(self, "_paused", True)))
 
     def continue_generation(self) -> None:
-        self._on_all("continue_generation")
-        self._paused = False
+        self._wait(self._in_turn("continue_generation",
+                                 then=lambda: setattr(self, "_paused", False)))
 
     def load(self) -> list[dict[str, int]]:
         """Sequences running and waiting in each ready engine."""
@@ -424,42 +461,60 @@ class RolloutGroup:
         self._wait(self._replace(index))
 
     async def _replace(self, index: int) -> None:
-        slot = self.slots[index]
-        if slot.actor is not None:
-            ray.kill(slot.actor, no_restart=True)
-        slot.ready, slot.waiting, slot.error = False, False, "being replaced"
-        slot.collectives.clear()
-        donors = [s for s in self.slots if s.ready]
-        if not donors and self._updated:
-            slot.error = "replacement needs a ready engine to copy the weights from"
-            raise NoEngineLeftError(f"engine {index} cannot be replaced: no engine of the group "
-                                    "holds its current weights; update the weights of a new "
-                                    "group instead")
-        slot.actor = self._start(index)
-        if "weights" not in self._released and donors:
-            await self._copy_weights(donors[0], slot)
-        elif self._updated and not self._discarded:  # the group's weights are in its backups
+        async with self._turn:
+            slot = self.slots[index]
+            donors = [s for s in self.slots if s.ready and s is not slot]
+            if not donors and self._updated:  # refused before the old engine is killed
+                raise NoEngineLeftError(f"engine {index} cannot be replaced: no engine of the "
+                                        "group holds its current weights besides it; update "
+                                        "the weights of a new group instead")
+            if slot.actor is not None:
+                ray.kill(slot.actor, no_restart=True)
+            slot.ready, slot.waiting, slot.error = False, False, "being replaced"
+            slot.collectives.clear()
+            slot.actor = self._start(index)
+            try:
+                await self._install(slot, donors[0] if donors else None)
+            except Exception as e:
+                self._drop(slot, f"replacement failed: {_first_line(e)}")
+                raise
+
+    async def _install(self, slot: EngineSlot, donor: EngineSlot | None) -> None:
+        """Give a new engine the group's weights, as the donor holds them."""
+        state = await donor.actor.weights_state.remote() if donor else "checkpoint"
+        if state == "complete":
+            await self._copy_weights(donor, slot)
+        elif state == "incomplete":  # discarded (or a broken update): the next update fills them
+            await slot.actor.release_memory.remote(["weights"], "discard")
+            if "weights" not in self._released:
+                await slot.actor.resume_memory.remote(["weights"])
+        elif state == "released" and self._updated:  # the group's weights are in its backups
             await slot.actor.release_memory.remote(None, "discard")
             slot.waiting = True
             slot.error = "waiting for resume_memory() to copy the group's weights"
             return
-        # else the group holds the checkpoint (this engine's weights) or waits for an update
+        # else the group holds the checkpoint (this engine's weights)
         await self._match_group(slot)
 
     async def _admit_waiting(self) -> None:
+        """Replacements that waited for the group's weights to come back copy them and join."""
         failed = []
         for slot in [s for s in self.slots if s.waiting]:
             slot.waiting = False
             try:
-                await slot.actor.resume_memory.remote(None)
+                await slot.actor.resume_memory.remote(sorted(set(MEMORY) - self._released))
                 await self._copy_weights(self._ready_slots()[0], slot)
                 await self._match_group(slot)
             except Exception as e:
-                slot.error = f"copying the group's weights failed: {_first_line(e)}"
+                self._drop(slot, f"copying the group's weights failed: {_first_line(e)}")
                 failed.append(slot.describe())
         if failed:
-            raise RuntimeError("the memory is back, but replacements could not join: "
-                               + "; ".join(failed))
+            raise RuntimeError("replacements could not join: " + "; ".join(failed))
+
+    def _drop(self, slot: EngineSlot, why: str) -> None:
+        """A replacement that could not join: killed (its placement and memory freed)."""
+        ray.kill(slot.actor, no_restart=True)
+        slot.ready, slot.waiting, slot.error = False, False, why
 
     async def _copy_weights(self, donor: EngineSlot, slot: EngineSlot) -> None:
         address = await slot.actor.start_weight_receiver.remote()
@@ -475,8 +530,7 @@ class RolloutGroup:
         if self._paused:
             await slot.actor.pause_generation.remote("in_place")
         if self._released:
-            await slot.actor.release_memory.remote(
-                sorted(self._released), "discard" if self._discarded else "backup")
+            await slot.actor.release_memory.remote(sorted(self._released))
         slot.ready, slot.error = True, None
 
     def shutdown(self) -> None:
@@ -495,8 +549,11 @@ class RolloutGroup:
         self._loop.call_soon(self._loop.stop)
 
 
+MEMORY = ("weights", "kv_cache")
+
+
 def _tag_set(tags: Sequence[str] | str | None) -> set[str]:
-    return {tags} if isinstance(tags, str) else set(tags or ("weights", "kv_cache"))
+    return {tags} if isinstance(tags, str) else set(tags or MEMORY)
 
 
 def _first_line(error: BaseException) -> str:
