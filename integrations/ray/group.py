@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from integrations.ray.actor import RolloutActor
 from rollout import RequestOutput, SamplingParams
+from rollout.engine import MEMORY_TAGS
 from weight_sync import DEFAULT_BUCKET_BYTES
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -455,7 +456,8 @@ class RolloutGroup:
         """Start a new engine in slot `index` (the old one is killed if still alive). It takes
         work once it holds the group's weights: copied from a ready engine, checksums equal.
         While the group's weights are released (backed up, after an update), it waits with its
-        memory released and copies them in `resume_memory`."""
+        memory released and copies them in `resume_memory` or after the next update; while they
+        are discarded, it joins empty and takes the next update."""
         if not 0 <= index < len(self.slots):
             raise ValueError(f"engine index {index} is outside the group of {len(self.slots)}")
         self._wait(self._replace(index))
@@ -502,7 +504,7 @@ class RolloutGroup:
         for slot in [s for s in self.slots if s.waiting]:
             slot.waiting = False
             try:
-                await slot.actor.resume_memory.remote(sorted(set(MEMORY) - self._released))
+                await slot.actor.resume_memory.remote(sorted(set(MEMORY_TAGS) - self._released))
                 await self._copy_weights(self._ready_slots()[0], slot)
                 await self._match_group(slot)
             except Exception as e:
@@ -522,8 +524,8 @@ class RolloutGroup:
         want, got = await asyncio.gather(donor.actor.weights_checksum.remote(),
                                          slot.actor.weights_checksum.remote())
         if want != got:
-            slot.error = f"weights checksum {got} differs from the group's {want}"
-            raise RuntimeError(f"engine {slot.index}: {slot.error}")
+            raise RuntimeError(f"engine {slot.index}: weights checksum {got} differs from the "
+                               f"group's {want}")
 
     async def _match_group(self, slot: EngineSlot) -> None:
         """Pause and release as the group is, then take work."""
@@ -549,11 +551,8 @@ class RolloutGroup:
         self._loop.call_soon(self._loop.stop)
 
 
-MEMORY = ("weights", "kv_cache")
-
-
 def _tag_set(tags: Sequence[str] | str | None) -> set[str]:
-    return {tags} if isinstance(tags, str) else set(tags or MEMORY)
+    return {tags} if isinstance(tags, str) else set(tags or MEMORY_TAGS)
 
 
 def _first_line(error: BaseException) -> str:
