@@ -4,16 +4,18 @@
  *
  * An attention row (one query position of one head) is computed by `tile_impl` from its query,
  * its position and the keys and values it sees, and nothing else: no other row, thread count,
- * vector width or CPU changes a bit. Only IEEE float32 adds, multiplies and divides (and square
- * roots, in RMSNorm) are used, each rounded on its own (built with -ffp-contract=off: no fused
- * multiply-add), exp included (`exp_fixed` below), so a vectorized loop and its scalar remainder
- * give the same bits.
+ * vector width or CPU changes a bit. Only IEEE float32 operations are used, each rounded once:
+ * adds, multiplies, divides (and square roots, in RMSNorm), and in attention's two products
+ * fused multiply-adds (`fmadd`: a * b + c rounded once, which IEEE 754 defines exactly, so a CPU
+ * without the instruction computes the same bits in libm's fmaf). The compiler fuses nothing on
+ * its own (built with -ffp-contract=off), exp included (`exp_fixed` below), so a vectorized loop
+ * and its scalar remainder give the same bits.
  *
  * For a row at position p with keys 0..p in splits of S keys (split j = cache block table[j]):
- *   s_k = sum over d, in order, of q[d] * K_k[d]     (q already scaled)
+ *   s_k = fma(q[D-1], K_k[D-1], .. fma(q[1], K_k[1], fma(q[0], K_k[0], 0)))  (q already scaled)
  *   m = max s_k;  w_k = exp(s_k - m), 0 where s_k - m <= -87
  *   l = sum over lanes t of (sum over splits j, in order, of w_{jS+t}), lanes added pairwise
- *   out[d] = (sum over k, in order, of w_k * V_k[d]) / l
+ *   out[d] = (the same fused chain over k, in order, of w_k * V_k[d]) / l
  *
  * K blocks are stored transposed ([kv_heads][D][S] per block), V blocks as [kv_heads][S][D];
  * float32 or bfloat16 (widened exactly on load).
@@ -92,6 +94,20 @@ static inline vf loadv_bf16(const uint16_t *p) {
 #endif
 }
 static inline void storev(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf splat(float x) {  /* one broadcast (a lane loop compiles to 16 inserts) */
+    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
+
+/* a * b + c, rounded once, in every lane. */
+static inline vf fmadd(vf a, vf b, vf c) {
+#ifdef __AVX512F__
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+    vf r;
+    for (int t = 0; t < LANES; t++) r[t] = __builtin_fmaf(a[t], b[t], c[t]);
+    return r;
+#endif
+}
 
 /* Two vectors from 2 * LANES elements (load2), and back to memory in element order (store2).
  * bfloat16 under AVX-512: the even elements and the odd ones, widened by one load, a shift and a
@@ -130,9 +146,9 @@ static inline void store2_bf16(float *p, vf a, vf b) {
 #endif
 }
 
-/* Scores of one query against `nb` (1 or 2) K blocks [d][s]: out[t] = sum over i, in order, of
- * q[i] * K[i][t]. Vector accumulators where s is a multiple of LANES (constant, see SHAPE);
- * two blocks at once keep twice the independent adds in flight. */
+/* Scores of one query against `nb` (1 or 2) K blocks [d][s]: out[t] = q[i] * K[i][t]
+ * fused-added over i, in order, from 0. Vector accumulators where s is a multiple of LANES
+ * (constant, see SHAPE); two blocks at once keep twice the independent adds in flight. */
 #define DEFINE_KERNELS(NAME, T, LOAD)                                                          \
 static inline __attribute__((always_inline)) void NAME##_scores(                              \
         const float *restrict q, const T *const *blocks, int nb, float *const *outs,          \
@@ -143,10 +159,11 @@ static inline __attribute__((always_inline)) void NAME##_scores(                
         for (int b = 0; b < nb; b++)                                                          \
             for (int64_t v = 0; v < nv; v++) acc[b][v] = (vf){0};                             \
         for (int64_t i = 0; i < d; i++) {                                                     \
-            const float qi = q[i];                                                            \
+            const vf qi = splat(q[i]);                                                        \
             for (int b = 0; b < nb; b++)                                                      \
                 for (int64_t v = 0; v < nv; v++)                                              \
-                    acc[b][v] = acc[b][v] + qi * loadv_##NAME(blocks[b] + i * s + v * LANES); \
+                    acc[b][v] = fmadd(qi, loadv_##NAME(blocks[b] + i * s + v * LANES),        \
+                                      acc[b][v]);                                             \
         }                                                                                     \
         for (int b = 0; b < nb; b++)                                                          \
             for (int64_t v = 0; v < nv; v++) storev(outs[b] + v * LANES, acc[b][v]);          \
@@ -156,11 +173,12 @@ static inline __attribute__((always_inline)) void NAME##_scores(                
         float acc[MAX_S];                                                                     \
         for (int64_t t = 0; t < s; t++) acc[t] = 0.0f;                                        \
         for (int64_t i = 0; i < d; i++)                                                       \
-            for (int64_t t = 0; t < s; t++) acc[t] = acc[t] + q[i] * LOAD(blocks[b][i * s + t]); \
+            for (int64_t t = 0; t < s; t++)                                                   \
+                acc[t] = __builtin_fmaf(q[i], LOAD(blocks[b][i * s + t]), acc[t]);            \
         for (int64_t t = 0; t < s; t++) outs[b][t] = acc[t];                                  \
     }                                                                                         \
 }                                                                                             \
-/* out[i] += sum over t < n, in order, of w[t] * V[t][i], V [s][d]. */                        \
+/* out[i] = fma(w[t], V[t][i], out[i]) for t < n, in order; V [s][d]. */                     \
 static inline __attribute__((always_inline)) void NAME##_values(                              \
         const float *restrict w, const T *restrict vb, int64_t n, float *restrict out,        \
         int64_t d) {                                                                          \
@@ -169,24 +187,43 @@ static inline __attribute__((always_inline)) void NAME##_values(                
         vf acc[16];                                                                           \
         for (int64_t v = 0; v < nv; v++) acc[v] = loadv_f32(out + v * LANES);                 \
         for (int64_t t = 0; t < n; t++) {                                                     \
-            const float wt = w[t];                                                            \
+            const vf wt = splat(w[t]);                                                        \
             for (int64_t v = 0; v < nv; v++)                                                  \
-                acc[v] = acc[v] + wt * loadv_##NAME(vb + t * d + v * LANES);                  \
+                acc[v] = fmadd(wt, loadv_##NAME(vb + t * d + v * LANES), acc[v]);             \
         }                                                                                     \
         for (int64_t v = 0; v < nv; v++) storev(out + v * LANES, acc[v]);                     \
         return;                                                                               \
     }                                                                                         \
     for (int64_t t = 0; t < n; t++)                                                           \
-        for (int64_t i = 0; i < d; i++) out[i] = out[i] + w[t] * LOAD(vb[t * d + i]);        \
+        for (int64_t i = 0; i < d; i++)                                                       \
+            out[i] = __builtin_fmaf(w[t], LOAD(vb[t * d + i]), out[i]);                       \
 }
 
 DEFINE_KERNELS(f32, float, same)
 DEFINE_KERNELS(bf16, uint16_t, load_bf16)
 
+/* The largest of x[0..n), n >= 1: LANES running maxima (lane t sees x[t], x[t + LANES], ..),
+ * then the lanes and the remainder in order. For finite x that is the value the loop
+ * `m = x[k] > m ? x[k] : m` from m = x[0] finds, up to the sign of a zero maximum, which
+ * `weights` does not see (s - (+0) and s - (-0) are the same float; exp of either zero is 1). */
+static float row_max(const float *x, int64_t n) {
+    vf m;
+    for (int t = 0; t < LANES; t++) m[t] = x[0];
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES) {
+        const vf v = loadv_f32(x + k);
+        const vu more = (vu)(v > m);
+        m = (vf)(((vu)v & more) | ((vu)m & ~more));
+    }
+    float r = x[0];
+    for (int t = 0; t < LANES; t++) r = m[t] > r ? m[t] : r;
+    for (; k < n; k++) r = x[k] > r ? x[k] : r;
+    return r;
+}
+
 /* Weights w_k in place of the scores of one row (keys >= n masked), and their sum l. */
 static float weights(float *sc, int64_t n, int64_t splits, int64_t s, float *lanes) {
-    float m = sc[0];
-    for (int64_t k = 1; k < n; k++) m = sc[k] > m ? sc[k] : m;
+    const float m = row_max(sc, n);
     for (int64_t k = 0; k < n; k++) {
         float x = sc[k] - m;
         sc[k] = x <= SUBNORMAL_CUT ? 0.0f : exp_fixed(x);
@@ -216,7 +253,7 @@ typedef struct {
 #define ACCS 16     /* vector accumulators a tile keeps in registers */
 
 /* Scores of the NQ queries of a tile against `nb` K blocks [d][s] (s a multiple of LANES, at
- * most 4 * LANES): for every query, lane t adds q[i] * K[i][t] over i in order, as
+ * most 4 * LANES): for every query, lane t fused-adds q[i] * K[i][t] over i in order, as
  * NAME##_scores does for one query; here each K vector feeds every query. */
 #define DEFINE_TILE(NAME, T)                                                                   \
 static inline __attribute__((always_inline)) void NAME##_tile_scores(                         \
@@ -234,8 +271,9 @@ static inline __attribute__((always_inline)) void NAME##_tile_scores(           
                 if (PAIRS(T, nv)) load2_##NAME(blocks[b] + i * s + v * LANES, &kv, &kw);      \
                 else kv = loadv_##NAME(blocks[b] + i * s + v * LANES);                        \
                 for (int k = 0; k < nq; k++) {                                                \
-                    acc[k][b][v] = acc[k][b][v] + qs[k].q[i] * kv;                            \
-                    if (PAIRS(T, nv)) acc[k][b][v + 1] = acc[k][b][v + 1] + qs[k].q[i] * kw;  \
+                    const vf qk = splat(qs[k].q[i]);                                          \
+                    acc[k][b][v] = fmadd(qk, kv, acc[k][b][v]);                               \
+                    if (PAIRS(T, nv)) acc[k][b][v + 1] = fmadd(qk, kw, acc[k][b][v + 1]);     \
                 }                                                                             \
             }                                                                                 \
     }                                                                                         \
@@ -249,8 +287,8 @@ static inline __attribute__((always_inline)) void NAME##_tile_scores(           
             }                                                                                 \
         }                                                                                     \
 }                                                                                             \
-/* For every query, lanes [c, c + width) of out (width = CH vectors): the sum over its keys, in \
- * order across the splits, of w_k * V_k; each V vector feeds every query still seeing keys. */ \
+/* For every query, lanes [c, c + width) of out (width = CH vectors): w_k * V_k fused-added over \
+ * its keys, in order across the splits; each V vector feeds every query still seeing keys. */ \
 static inline __attribute__((always_inline)) void NAME##_tile_values(                         \
         const Query *qs, const int nq, const float *sc, int64_t stride, const int64_t *table, \
         const T *v_cache, int64_t block_stride, int64_t offset, int64_t splits, float *acc,   \
@@ -275,8 +313,8 @@ static inline __attribute__((always_inline)) void NAME##_tile_values(           
             }                                                                                 \
             for (int k = 0; k < nq; k++) {                                                    \
                 if (t >= all && j * s + t >= qs[k].n) continue;                               \
-                const float w = sc[k * stride + j * s + t];                                   \
-                for (int v = 0; v < CH; v++) sum[k][v] = sum[k][v] + w * vv[v];               \
+                const vf w = splat(sc[k * stride + j * s + t]);                               \
+                for (int v = 0; v < CH; v++) sum[k][v] = fmadd(w, vv[v], sum[k][v]);          \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \

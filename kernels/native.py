@@ -19,11 +19,13 @@ from functools import cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("native.c")
-# -ffp-contract=off: no fused multiply-add, so every float op rounds on its own and vector and
-# scalar code give the same bits; never -ffast-math (-fno-math-errno: sqrt stays one
-# instruction, correctly rounded, with no libm call for errno)
+# -ffp-contract=off: the compiler fuses no multiply and add on its own (the code's fmaf calls
+# are its only fused ones), so every float op rounds as written and vector and scalar code give
+# the same bits; never -ffast-math (-fno-math-errno: sqrt stays one instruction, correctly
+# rounded, with no libm call for errno)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno",
          "-fPIC", "-shared", "-std=c11")
+LIBS = ("-lm",)  # fmaf, where the CPU has no fused multiply-add instruction
 # threads from the process's OpenMP runtime (torch's: the .so finds the libgomp already loaded);
 # a compiler without OpenMP builds a one-thread kernel, with the same bits
 THREADS = ("-fopenmp",)
@@ -50,7 +52,7 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, _cpu_key(),
-                                    " ".join(FLAGS)]).encode()).hexdigest()[:16]
+                                    " ".join(FLAGS + LIBS)]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native-{key}.so"
     if target.exists():
         return target
@@ -58,7 +60,7 @@ def _build(cc: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         for threads in (THREADS, ()):
-            done = subprocess.run([cc, *FLAGS, *threads, str(SOURCE), "-o", str(built)],
+            done = subprocess.run([cc, *FLAGS, *threads, str(SOURCE), *LIBS, "-o", str(built)],
                                   capture_output=True, text=True)
             if done.returncode == 0:
                 break
