@@ -98,6 +98,20 @@ static inline vf splat(float x) {  /* one broadcast (a lane loop compiles to 16 
     return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
 }
 
+/* Whether the fused multiply-adds below are one instruction (else libm's exact fmaf, the same
+ * bits, tens of times slower: x86 CPUs before Haswell, emulators without AVX2). */
+int hardware_fma(void) {
+#if defined(__x86_64__) || defined(__i386__)
+#ifdef __FMA__
+    return 1;
+#else
+    return 0;
+#endif
+#else
+    return 1;  /* assumed elsewhere (aarch64: FMA in its base vector instruction set) */
+#endif
+}
+
 /* a * b + c, rounded once, in every lane. */
 static inline vf fmadd(vf a, vf b, vf c) {
 #ifdef __AVX512F__

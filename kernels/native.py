@@ -96,4 +96,8 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.restype = ctypes.c_int
     lib.rotate.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, i64]
     lib.rotate.restype = None
+    lib.hardware_fma.restype = ctypes.c_int
+    if not lib.hardware_fma():
+        warnings.warn("this CPU has no fused multiply-add instruction: the CPU attention kernel "
+                      "runs libm's fmaf (the same bits, tens of times slower)")
     return lib
