@@ -101,14 +101,10 @@ static inline vf splat(float x) {  /* one broadcast (a lane loop compiles to 16 
 /* Whether the fused multiply-adds below are one instruction (else libm's exact fmaf, the same
  * bits, tens of times slower: x86 CPUs before Haswell, emulators without AVX2). */
 int hardware_fma(void) {
-#if defined(__x86_64__) || defined(__i386__)
-#ifdef __FMA__
-    return 1;
-#else
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(__FMA__)
     return 0;
-#endif
 #else
-    return 1;  /* assumed elsewhere (aarch64: FMA in its base vector instruction set) */
+    return 1;  /* x86 with FMA; assumed elsewhere (aarch64: FMA in its base instruction set) */
 #endif
 }
 
@@ -221,8 +217,7 @@ DEFINE_KERNELS(bf16, uint16_t, load_bf16)
  * `m = x[k] > m ? x[k] : m` from m = x[0] finds, up to the sign of a zero maximum, which
  * `weights` does not see (s - (+0) and s - (-0) are the same float; exp of either zero is 1). */
 static float row_max(const float *x, int64_t n) {
-    vf m;
-    for (int t = 0; t < LANES; t++) m[t] = x[0];
+    vf m = splat(x[0]);
     int64_t k = 0;
     for (; k + LANES <= n; k += LANES) {
         const vf v = loadv_f32(x + k);
