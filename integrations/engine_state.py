@@ -14,6 +14,11 @@ def load(engine: Engine) -> dict[str, int]:
     return {"running": len(scheduler.running), "waiting": len(scheduler.waiting)}
 
 
+def updating(engine: Engine) -> bool:
+    """A weight update is open: the engine steps nothing until it commits or aborts."""
+    return engine.weights.txn is not None
+
+
 def weights_state(engine: Engine) -> str:
     """"incomplete" (discarded, a broken update or one under way: an update fills them),
     "released" (backed up off the device) or "complete"."""

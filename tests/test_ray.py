@@ -302,6 +302,45 @@ def test_an_update_one_engine_refuses_takes_it_out_of_service(ray_session, qwen3
         group.shutdown()
 
 
+def test_an_engine_an_update_broke_on_takes_no_work_until_the_next_update(ray_session,
+                                                                         qwen3_path):
+    """A trainer's update to one engine breaks midway: requests go to the other engine (the
+    caller never sees the refusal), health checks keep it (while its update was open too: it
+    steps nothing then, by design), and the group's next update brings it back. A replacement
+    joining with discarded weights takes the group's version number."""
+    group = new_group(qwen3_path)
+    try:
+        model = trained(qwen3_path, 9)
+        group.update_weights(model.named_parameters(), version=9)
+        local = local_generate(qwen3_path, PROMPTS, GREEDY, model.named_parameters(), version=9)
+        address = ray.get(group.slots[0].actor.start_weight_receiver.remote())
+        named = {n: t.detach() for n, t in trained(qwen3_path, 10).named_parameters()}
+        with weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as sender:
+            buckets = sender.begin(named, 10)
+            assert group.check_health(timeout_s=1) == [True, True]  # open: not hung
+            sender.send_bucket(named, buckets[0])
+            with pytest.raises(weight_sync.WeightUpdateError, match="never arrived"):
+                sender.commit()  # the rest never came: engine 0's weights are incomplete
+        assert comparable(group.generate(PROMPTS, GREEDY)) == comparable(local)
+        assert [s.completed for s in group.slots] == [0, len(PROMPTS)]
+        assert "refusing work: IncompleteWeightsError" in group.slots[0].describe()
+        assert group.check_health() == [True, True] and group.slots[0].refusing
+
+        model = trained(qwen3_path, 11)
+        assert group.update_weights(model.named_parameters()) == [10, 10]
+        assert group.slots[0].refusing is None
+        group.generate(PROMPTS, GREEDY)
+        assert group.slots[0].completed > 0
+
+        group.release_memory(weights="discard")
+        group.replace(1)
+        group.resume_memory()
+        assert group.weight_versions() == [10, 10]
+        assert group.update_weights(model.named_parameters()) == [11, 11]
+    finally:
+        group.shutdown()
+
+
 def test_a_hung_engine_is_caught_by_the_health_check_and_none_left_fails_naming_them(
         ray_session, qwen3_path):
     group = new_group(qwen3_path)

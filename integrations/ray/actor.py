@@ -120,6 +120,12 @@ class EngineActor:
     async def weight_version(self) -> int | str:
         return self.engine.weight_version
 
+    async def update_weight_version(self, new_version: int | str) -> int | str:
+        """Name the current weights `new_version` without changing them (SGLang's
+        /update_weight_version); refused while an update is open."""
+        await self._blocking(self.engine.weights.relabel, new_version)
+        return self.engine.weight_version
+
     # ---------------------------------------------------------------- memory
 
     async def release_memory(self, tags: Sequence[str] | str | None = None,
@@ -135,9 +141,19 @@ class EngineActor:
     # ---------------------------------------------------------------- health and load
 
     async def health(self, timeout_s: float = 30.0) -> float:
-        """Seconds a one-token generation took; raises TimeoutError past `timeout_s`."""
+        """Seconds a one-token generation took; raises TimeoutError past `timeout_s`, and the
+        engine's refusal where it takes no work (incomplete weights). While a weight update is
+        open the engine steps nothing until it ends (a transport's own timeout ends a stalled
+        one), so the answer alone shows it alive: 0.0."""
+        if engine_state.updating(self.engine):
+            return 0.0
         start = time.monotonic()
-        await asyncio.wait_for(self.engine.generate_async([0], HEALTH_PROBE), timeout_s)
+        try:
+            await asyncio.wait_for(self.engine.generate_async([0], HEALTH_PROBE), timeout_s)
+        except TimeoutError:
+            if engine_state.updating(self.engine):  # the update opened while the probe waited
+                return 0.0
+            raise
         return time.monotonic() - start
 
     async def load(self) -> dict[str, int]:

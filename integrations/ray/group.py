@@ -6,8 +6,11 @@ the engine with the fewest samples in flight, lowest index first; a `session_id`
 conversation on one engine. An engine that dies (Ray's actor errors, or a health check whose
 one-token generation times out) stops taking work, and its unfinished requests run again on a
 healthy engine: determinism makes the result identical. With no engine left, the request fails
-with an error naming the dead engines. `replace(i)` starts a new engine that takes no work until
-it holds the group's weights (copied from a healthy engine over ZMQ, checksums compared).
+with an error naming the dead engines. An engine that answers that its weights are incomplete
+(an update that broke on it) takes no requests while another engine can, until an update commits
+on it or a health check finds it whole again. `replace(i)` starts a new engine that takes no
+work until it holds the group's weights (copied from a healthy engine over ZMQ, checksums
+compared).
 
 The group's bookkeeping lives on one asyncio loop in a background thread; the synchronous
 methods submit to it and wait, `generate_async` awaits it from the caller's loop.
@@ -31,6 +34,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from integrations.ray.actor import RolloutActor
 from rollout import RequestOutput, SamplingParams
 from rollout.engine import MEMORY_TAGS
+from rollout.weights import IncompleteWeightsError
 from weight_sync import DEFAULT_BUCKET_BYTES
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -53,10 +57,13 @@ class EngineSlot:
     completed: int = 0  # requests it answered
     error: str | None = None  # why it was taken out of service
     waiting: bool = False  # a replacement waiting for the group's weights to come back
+    refusing: str | None = None  # alive, but answered that its weights are incomplete
     collectives: set[str] = field(default_factory=set)  # weight update groups it joined
 
     def describe(self) -> str:
         state = "ready" if self.ready else self.error or "starting"
+        if self.ready and self.refusing:
+            state = f"ready, refusing work: {self.refusing}"
         return f"engine {self.index} ({state})"
 
 
@@ -202,10 +209,14 @@ class RolloutGroup:
                                       for p, sp, sid in zip(prompts, params, sessions)))
 
     def _pick(self, session_id: str | None) -> EngineSlot:
+        """The session's engine, else the least loaded; engines refusing work (incomplete
+        weights) only where every ready engine does (the request then fails with their
+        error)."""
         ready = self._ready_slots()
+        ready = [s for s in ready if s.refusing is None] or ready
         if session_id is not None:
             index = self._sessions.get(session_id)
-            if index is not None and self.slots[index].ready:
+            if index is not None and self.slots[index] in ready:
                 return self.slots[index]
         slot = min(ready, key=lambda s: (s.in_flight, s.index))
         if session_id is not None:
@@ -225,11 +236,22 @@ class RolloutGroup:
                 return output
             except RayActorError as e:
                 self._lost(slot, e)
+            except RayTaskError as e:
+                if not _refuses(e) or not self._refusing(slot, e):
+                    raise
             except asyncio.CancelledError:  # the caller gave up: the engine stops it too
                 ray.cancel(call)
                 raise
             finally:
                 slot.in_flight -= samples
+
+    def _refusing(self, slot: EngineSlot, error: RayTaskError) -> bool:
+        """Note that `slot` refuses work; whether another ready engine may take it instead."""
+        if slot.refusing is None:
+            log.warning("rollout group: engine %d refuses work (%s); requests go to the others "
+                        "until an update commits on it", slot.index, _first_line(error))
+        slot.refusing = _first_line(error)
+        return any(s.ready and s.refusing is None for s in self.slots)
 
     # ---------------------------------------------------------------- every engine at once
 
@@ -277,6 +299,9 @@ class RolloutGroup:
         slots, results = await self._call_each(call)
         if any(not isinstance(r, BaseException) for r in results):
             self._released.discard("weights")  # an update brings released weights back
+        for slot, result in zip(slots, results):
+            if not isinstance(result, BaseException):
+                slot.refusing = None  # committed: its weights are whole
         failed = [(s, r) for s, r in zip(slots, results) if isinstance(r, BaseException)]
         if failed and len(failed) < len(slots):
             refused = {s.index for s, _ in failed}
@@ -441,11 +466,18 @@ class RolloutGroup:
         idle = self._paused or self._released
         probe = slot.actor.load.remote() if idle else slot.actor.health.remote(timeout_s)
         try:
-            await asyncio.wait_for(probe, timeout_s)
+            # the actor times the probe itself (and knows an open update from a hang); one
+            # second more for its answer to arrive
+            await asyncio.wait_for(probe, timeout_s + 1.0)
+            slot.refusing = None
         except (RayActorError, TimeoutError) as e:  # TimeoutError: here or in the actor
             self._lost(slot, e)  # killed: its pending calls fail and are rerouted
-        except RayTaskError as e:  # it answered: alive, but refusing work (memory released...)
-            log.info("rollout group: %s answered the health check with %s", slot.describe(), e)
+        except RayTaskError as e:  # it answered: alive, but refusing work
+            if _refuses(e):
+                self._refusing(slot, e)
+            else:  # memory released by someone else...
+                log.info("rollout group: %s answered the health check with %s", slot.describe(),
+                         _first_line(e))
 
     async def _watch(self, interval_s: float) -> None:
         while True:
@@ -473,6 +505,7 @@ class RolloutGroup:
             if slot.actor is not None:
                 ray.kill(slot.actor, no_restart=True)
             slot.ready, slot.waiting, slot.error = False, False, "being replaced"
+            slot.refusing = None
             slot.collectives.clear()
             slot.actor = self._start(index)
             try:
@@ -490,6 +523,10 @@ class RolloutGroup:
             await slot.actor.release_memory.remote(["weights"], "discard")
             if "weights" not in self._released:
                 await slot.actor.resume_memory.remote(["weights"])
+            # the group's version, so that an update without one numbers every engine alike
+            await slot.actor.update_weight_version.remote(
+                await donor.actor.weight_version.remote())
+            slot.refusing = donor.refusing
         elif state == "released" and self._updated:  # the group's weights are in its backups
             await slot.actor.release_memory.remote(None, "discard")
             slot.waiting = True
@@ -553,6 +590,12 @@ class RolloutGroup:
 
 def _tag_set(tags: Sequence[str] | str | None) -> set[str]:
     return {tags} if isinstance(tags, str) else set(tags or MEMORY_TAGS)
+
+
+def _refuses(error: RayTaskError) -> bool:
+    """The engine answered that its weights are incomplete (it takes no work until an update
+    rewrites them)."""
+    return isinstance(error.cause, IncompleteWeightsError)
 
 
 def _first_line(error: BaseException) -> str:
