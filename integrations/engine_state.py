@@ -19,10 +19,17 @@ def updating(engine: Engine) -> bool:
     return engine.weights.txn is not None
 
 
+def released(engine: Engine) -> list[str]:
+    """The memory tags released now ("weights", "kv_cache")."""
+    return engine._released()
+
+
 def weights_state(engine: Engine) -> str:
-    """"incomplete" (discarded, a broken update or one under way: an update fills them),
-    "released" (backed up off the device) or "complete"."""
-    if engine.weights.broken is not None or engine.weights.txn is not None:
+    """"updating" (an update is open), "incomplete" (discarded, or a broken update: an update
+    fills them), "released" (backed up off the device) or "complete"."""
+    if engine.weights.txn is not None:
+        return "updating"
+    if engine.weights.broken is not None:
         return "incomplete"
     return "released" if engine.memory_stats()["released"]["weights"] else "complete"
 

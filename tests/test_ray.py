@@ -341,6 +341,45 @@ def test_an_engine_an_update_broke_on_takes_no_work_until_the_next_update(ray_se
         group.shutdown()
 
 
+def test_a_replacement_copies_what_a_trainer_sent_the_engines_directly(ray_session, qwen3_path):
+    """A trainer sending to each engine over ZMQ changes weights and memory unseen by the group:
+    a replacement copies what its donor holds once an update open on it has ended, releases
+    only what the donor has released, and `start_weight_receivers()` names its new receiver."""
+    group = new_group(qwen3_path)
+    try:
+        addresses = group.start_weight_receivers()
+        group.release_memory()  # training; its update brings the weights back, not the cache
+        model = trained(qwen3_path, 9)
+        for address in addresses:
+            with weight_sync.ZmqWeightSender(address) as sender:
+                assert sender.send(model.named_parameters(), version=9) == 9
+        group.replace(1)
+        group.resume_memory(["kv_cache"])
+        assert group.weight_versions() == [9, 9]
+        local = local_generate(qwen3_path, PROMPTS, GREEDY, model.named_parameters(), version=9)
+        assert comparable(group.generate(PROMPTS, GREEDY)) == comparable(local)
+        assert all(s.completed for s in group.slots)
+
+        current = group.start_weight_receivers()
+        assert current[0] == addresses[0] and current[1] != addresses[1]
+        named = {n: t.detach() for n, t in trained(qwen3_path, 10).named_parameters()}
+        with weight_sync.ZmqWeightSender(current[0], bucket_bytes=1 << 16) as sender:
+            buckets = sender.begin(named, 10)
+            replacing = threading.Thread(target=group.replace, args=(1,), daemon=True)
+            replacing.start()
+            time.sleep(1.0)
+            assert replacing.is_alive()  # waits for the update open on its donor
+            for bucket in buckets:
+                sender.send_bucket(named, bucket)
+            assert sender.commit() == 10
+        replacing.join(timeout=120)
+        assert group.size == 2 and group.weight_versions() == [10, 10]
+        checksum = weight_sync.checksum(named.items())
+        assert group.weights_checksum() == [checksum, checksum]
+    finally:
+        group.shutdown()
+
+
 def test_a_hung_engine_is_caught_by_the_health_check_and_none_left_fails_naming_them(
         ray_session, qwen3_path):
     group = new_group(qwen3_path)

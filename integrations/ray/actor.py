@@ -111,7 +111,8 @@ class EngineActor:
         return await self._blocking(send)
 
     async def weights_state(self) -> str:
-        """"complete", "released" or "incomplete" (see `engine_state.weights_state`)."""
+        """"complete", "released", "incomplete" or "updating" (see
+        `engine_state.weights_state`)."""
         return engine_state.weights_state(self.engine)
 
     async def weights_checksum(self) -> str:
@@ -137,6 +138,10 @@ class EngineActor:
 
     async def memory_stats(self) -> dict:
         return self.engine.memory_stats()
+
+    async def released(self) -> list[str]:
+        """The memory tags released now."""
+        return engine_state.released(self.engine)
 
     # ---------------------------------------------------------------- health and load
 

@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import numbers
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -87,7 +88,7 @@ class RolloutGroup:
             raise ValueError(f"placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
         self.model, self.engine_options = model, engine_options
         self.torch_threads, self.auto_replace = torch_threads, auto_replace
-        self.health_timeout_s = health_timeout_s
+        self.health_timeout_s, self.startup_timeout_s = health_timeout_s, startup_timeout_s
         self.resources = {"CPU": num_cpus_per_engine, "GPU": num_gpus_per_engine}
         self.placement_group = self._reserve(num_engines, placement, startup_timeout_s)
         self.slots = [EngineSlot(i, self._start(i)) for i in range(num_engines)]
@@ -95,6 +96,7 @@ class RolloutGroup:
         self._paused = False
         self._released: set[str] = set()
         self._updated = False  # weights changed since the checkpoint: replacements copy them
+        self._receiver_timeout_s: float | None = None  # ZMQ receivers started: replacements too
         # replacements, updates and memory/pause changes take turns: each sees the group's state
         # (released, paused, members, weights) as the one before it left it
         self._turn = asyncio.Lock()
@@ -337,9 +339,11 @@ class RolloutGroup:
             lambda k, a: a.update_weights_from_disk.remote(path, version)))
 
     def start_weight_receivers(self, timeout_s: float = 60.0) -> list[str]:
-        """One ZMQ receiver per engine; the trainer sends to each with a
-        `weight_sync.ZmqWeightSender`."""
+        """One ZMQ receiver per ready engine, their addresses in engine order; the trainer sends
+        to each with a `weight_sync.ZmqWeightSender`. A replacement binds its own, at a new
+        address: call again after `replace()` for the current ones."""
         self._updated = True
+        self._receiver_timeout_s = timeout_s
         return self._on_all("start_weight_receiver", None, timeout_s)
 
     def init_weights_update_group(self, master_address: str, master_port: int, group_name: str,
@@ -498,6 +502,7 @@ class RolloutGroup:
         async with self._turn:
             slot = self.slots[index]
             donors = [s for s in self.slots if s.ready and s is not slot]
+            donors.sort(key=lambda s: s.refusing is not None)  # whole weights first
             if not donors and self._updated:  # refused before the old engine is killed
                 raise NoEngineLeftError(f"engine {index} cannot be replaced: no engine of the "
                                         "group holds its current weights besides it; update "
@@ -510,13 +515,21 @@ class RolloutGroup:
             slot.actor = self._start(index)
             try:
                 await self._install(slot, donors[0] if donors else None)
+                if self._receiver_timeout_s is not None:
+                    address = await slot.actor.start_weight_receiver.remote(
+                        None, self._receiver_timeout_s)
+                    log.warning("rollout group: engine %d's weight receiver is now at %s",
+                                index, address)
             except Exception as e:
                 self._drop(slot, f"replacement failed: {_first_line(e)}")
                 raise
 
     async def _install(self, slot: EngineSlot, donor: EngineSlot | None) -> None:
-        """Give a new engine the group's weights, as the donor holds them."""
-        state = await donor.actor.weights_state.remote() if donor else "checkpoint"
+        """Give a new engine the group's weights, as the donor holds them (after an update open
+        on it, a trainer's sent to it directly, has ended), and its memory as the donor's is."""
+        state = await self._settled(donor) if donor else "checkpoint"
+        if donor is not None:  # a direct update takes released weights back unseen by the group
+            self._released = set(await donor.actor.released.remote())
         if state == "complete":
             await self._copy_weights(donor, slot)
         elif state == "incomplete":  # discarded (or a broken update): the next update fills them
@@ -535,6 +548,17 @@ class RolloutGroup:
         # else the group holds the checkpoint (this engine's weights)
         await self._match_group(slot)
 
+    async def _settled(self, donor: EngineSlot) -> str:
+        """The donor's weights state once no update is open on it (a transport ends a stalled
+        one by its own timeout)."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while (state := await donor.actor.weights_state.remote()) == "updating":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engine {donor.index}'s weight update stayed open for "
+                                   f"{self.startup_timeout_s:g} s; nothing to copy from it")
+            await asyncio.sleep(0.05)
+        return state
+
     async def _admit_waiting(self) -> None:
         """Replacements that waited for the group's weights to come back copy them and join."""
         failed = []
@@ -542,7 +566,8 @@ class RolloutGroup:
             slot.waiting = False
             try:
                 await slot.actor.resume_memory.remote(sorted(set(MEMORY_TAGS) - self._released))
-                await self._copy_weights(self._ready_slots()[0], slot)
+                donor = min(self._ready_slots(), key=lambda s: s.refusing is not None)
+                await self._copy_weights(donor, slot)
                 await self._match_group(slot)
             except Exception as e:
                 self._drop(slot, f"copying the group's weights failed: {_first_line(e)}")
