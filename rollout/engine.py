@@ -533,10 +533,11 @@ class Engine:
 
     def start_weight_receiver(self, address: str = "tcp://127.0.0.1:0",
                               timeout_s: float = 60.0) -> str:
-        """Bind a ZMQ receiver for `weight_sync.ZmqWeightSender`; returns the bound address."""
+        """Bind a ZMQ receiver for `weight_sync.ZmqWeightSender`; returns the bound address with
+        the receiver's token ("tcp://host:port#token=<hex>"): a sender needs all of it."""
         from weight_sync.zmq_transport import ZmqWeightReceiver
         if self._receiver is not None:
-            raise RuntimeError(f"a weight receiver is already bound at {self._receiver.address}")
+            raise RuntimeError(f"a weight receiver is already bound at {self._receiver.endpoint}")
         self._receiver = ZmqWeightReceiver(_Sink(self), address, self.runner.device, timeout_s)
         return self._receiver.address
 

@@ -153,12 +153,13 @@ def test_a_cuda_ipc_handle_that_would_run_code_is_refused(engine, qwen3_path, tm
     named = list(trained(qwen3_path, 1).named_parameters())
     metas = [weight_sync.TensorMeta.of(n, t) for n, t in named]
     marker = tmp_path / "ran"
+    endpoint, token = weight_sync.split_address(address)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
+    sock.connect(endpoint)
 
     def request(header: dict) -> dict:
-        sock.send_multipart([b"", msgpack.packb(header)])
+        sock.send_multipart([b"", msgpack.packb({**header, "token": token})])
         assert sock.poll(30_000)
         return msgpack.unpackb(sock.recv_multipart()[1])
 
@@ -238,14 +239,15 @@ def test_a_malformed_zmq_message_is_answered_and_the_receiver_keeps_serving(engi
     import msgpack
     import zmq
     address = engine.start_weight_receiver("tcp://127.0.0.1:0")
+    endpoint, token = weight_sync.split_address(address)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
+    sock.connect(endpoint)
     try:
         model = trained(qwen3_path, 19)
         named = dict(model.named_parameters())
-        opening = {"op": "begin", "version": 4,
+        opening = {"op": "begin", "version": 4, "token": token,
                    "manifest": [weight_sync.TensorMeta.of(n, t).to_wire()
                                 for n, t in named.items()]}
         for frames, error in [([b"", msgpack.packb(opening)], None),  # an update left open
@@ -261,6 +263,35 @@ def test_a_malformed_zmq_message_is_answered_and_the_receiver_keeps_serving(engi
     with weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as sender:
         assert sender.send(named.items(), version=4) == 4
     assert_matches(model, PROMPTS, generated(engine))
+
+
+def test_a_zmq_peer_without_the_receivers_token_is_refused_and_changes_nothing(engine,
+                                                                              qwen3_path):
+    """The receiver's port may be reachable by others (a node's address, for Ray): only a
+    sender given the address it reported, token included, is heard; a stranger's update neither
+    lands nor aborts the trainer's open one."""
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0")
+    endpoint, token = weight_sync.split_address(address)
+    assert len(token) == 32
+    before, version = engine.weights_checksum(), engine.weight_version
+    named = {n: t.detach() for n, t in trained(qwen3_path, 21).named_parameters()}
+    other = {n: t.detach() for n, t in trained(qwen3_path, 22).named_parameters()}
+    refused = "does not carry this receiver's token"
+    for guess in (endpoint, f"{endpoint}#token={'0' * 32}"):
+        with weight_sync.ZmqWeightSender(guess, bucket_bytes=1 << 16) as stranger:
+            with pytest.raises(weight_sync.WeightUpdateError, match=refused):
+                stranger.send(other.items(), version=66)
+    assert engine.weights_checksum() == before and engine.weight_version == version
+    with weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as sender:
+        buckets = sender.begin(named, 5)
+        sender.send_bucket(named, buckets[0])
+        with weight_sync.ZmqWeightSender(endpoint, bucket_bytes=1 << 16) as stranger:
+            with pytest.raises(weight_sync.WeightUpdateError, match=refused):
+                stranger.begin(other, 66)
+        for bucket in buckets[1:]:
+            sender.send_bucket(named, bucket)
+        assert sender.commit() == 5
+    assert engine.weights_checksum() == weight_sync.checksum(named.items())
 
 
 def test_a_tensor_unlike_its_manifest_is_refused_before_it_lands(engine):

@@ -6,8 +6,8 @@ from weight_sync.buckets import (DEFAULT_BUCKET_BYTES, Bucket, TensorMeta, make_
 from weight_sync.digest import checksum
 from weight_sync.collective import WeightUpdateGroup
 from weight_sync.zmq_transport import (WeightUpdateError, ZmqWeightReceiver,
-                                       ZmqWeightSender)
+                                       ZmqWeightSender, split_address)
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "Bucket", "TensorMeta", "make_buckets", "plan_buckets",
            "checksum", "WeightUpdateGroup", "ZmqWeightSender", "ZmqWeightReceiver",
-           "WeightUpdateError"]
+           "WeightUpdateError", "split_address"]

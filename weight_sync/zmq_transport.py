@@ -5,9 +5,17 @@ The trainer's `ZmqWeightSender` (REQ) talks to the engine's `ZmqWeightReceiver` 
 `bucket` carries its bytes as a zero-copy frame ("bytes" mode) or, on one host, only a handle
 ("handle" mode: a shared-memory segment on the CPU, a CUDA IPC handle on GPU); `commit` ends
 the transaction. Every request is answered, so errors reach the sender as exceptions.
+
+A receiver takes only messages that carry its token, a secret drawn when it binds (or given in
+the address it binds): it reports its address as "tcp://host:port#token=<hex>", and a sender
+given that address sends the token with every message. A peer that can reach the port without
+the address (another host, when the receiver binds a node's address for Ray) is refused before
+its message is read further, and an update open from the trainer stays open.
 """
 
+import hmac
 import pickle
+import secrets
 import threading
 import time
 import warnings
@@ -25,6 +33,15 @@ from weight_sync.buckets import (DEFAULT_BUCKET_BYTES, TensorMeta, bucket_size, 
                                  plan_buckets, unpack)
 
 MODES = ("bytes", "handle")
+TOKEN_MARK = "#token="
+
+
+def split_address(address: str) -> tuple[str, str | None]:
+    """(the ZMQ endpoint, the receiver's token or None) of a receiver's address."""
+    endpoint, mark, token = address.partition(TOKEN_MARK)
+    if mark and not token:
+        raise ValueError(f"address {endpoint}{TOKEN_MARK}... has an empty token")
+    return endpoint, token if mark else None
 
 
 class WeightSink(Protocol):
@@ -69,10 +86,11 @@ class ZmqWeightSender:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         self.mode, self.bucket_bytes, self.timeout_s = mode, bucket_bytes, timeout_s
+        endpoint, self._token = split_address(address)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(address)
+        self._sock.connect(endpoint)
         self._slots: list[_Slot] = []
         self._busy: _Slot | None = None
         self._sent = 0
@@ -81,6 +99,8 @@ class ZmqWeightSender:
         self._shared_offsets: dict[str, tuple[int, int]] = {}  # name -> (data_ptr, offset)
 
     def _send(self, header: dict, frames: list = ()) -> None:
+        if self._token is not None:
+            header = {**header, "token": self._token}
         self._sock.send_multipart([b"", msgpack.packb(header), *frames], copy=False)
         self._in_flight = True
 
@@ -226,15 +246,18 @@ class ZmqWeightReceiver:
     def __init__(self, sink: WeightSink, address: str, device: torch.device | str = "cpu",
                  timeout_s: float = 60.0):
         self.sink, self.device, self.timeout_s = sink, torch.device(device), timeout_s
+        endpoint, token = split_address(address)
+        self._token = token or secrets.token_hex(16)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        if address.endswith(":0"):
-            port = self._sock.bind_to_random_port(address.rsplit(":", 1)[0])
-            address = f"{address.rsplit(':', 1)[0]}:{port}"
+        if endpoint.endswith(":0"):
+            port = self._sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
+            endpoint = f"{endpoint.rsplit(':', 1)[0]}:{port}"
         else:
-            self._sock.bind(address)
-        self.address = address
+            self._sock.bind(endpoint)
+        self.endpoint = endpoint
+        self.address = f"{endpoint}{TOKEN_MARK}{self._token}"  # what a sender needs
         self._open = False
         self._last = 0.0
         self._shm: dict[str, shared_memory.SharedMemory] = {}
@@ -274,6 +297,11 @@ class ZmqWeightReceiver:
         return self._handle(header, parts[2:])
 
     def _handle(self, header: dict, frames: list) -> dict:
+        token = header.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+            raise PermissionError("refused: the message does not carry this receiver's token "
+                                  "(send to the whole address the receiver reported, with its "
+                                  f"{TOKEN_MARK}... part)")
         op = header.get("op")
         self._last = time.monotonic()
         if op == "begin":
