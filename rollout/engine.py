@@ -267,6 +267,10 @@ class Engine:
             if room < 1:
                 raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room in "
                                  f"max_model_len {self.max_model_len}")
+            if params.min_tokens > room:
+                raise ValueError(f"prompt ({len(token_ids)} tokens) + min_tokens "
+                                 f"({params.min_tokens}) exceeds the model's context of "
+                                 f"{self.max_model_len} tokens")
             params = SamplingParams(**{**params.__dict__, "max_tokens": room})
         elif params.max_tokens > room:
             raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens})"
@@ -278,27 +282,33 @@ class Engine:
                              "kv_cache_memory")
         return params
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams | None,
-                 request_id: str | None) -> tuple[str, str | None, list[int], SamplingParams]:
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None
+                 ) -> tuple[str | None, str | None, list[int], SamplingParams]:
+        """(request id, or None for one `_submit` numbers, text, token ids, params)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got "
                              f"{type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         params = self._validate(token_ids, params)
-        return request_id or f"req-{next(self._ids)}", text, token_ids, params
+        return request_id or None, text, token_ids, params
 
     def _submit(self, prepared: list, on_update: list, stream: bool = False,
-                score_from: list[int] | None = None, drive: bool = False) -> None:
-        """Queue requests together, so that the loop sees them in one batch. `drive`: the
-        caller steps the engine itself (`_drive`); else the loop thread starts."""
+                score_from: list[int] | None = None, drive: bool = False,
+                prefix: str = "req") -> list[str]:
+        """Queue requests together, so that the loop sees them in one batch, and return their
+        ids: those without one get `prefix`-N, an N no request in flight or in this batch
+        holds (a caller may have named its own "req-7"). `drive`: the caller steps the engine
+        itself (`_drive`); else the loop thread starts."""
         with self._control():
             self._check_can_generate()
-            ids = [request_id for request_id, *_ in prepared]
-            taken = [r for r in ids if r in self._requests] + [r for r in set(ids)
-                                                              if ids.count(r) > 1]
+            given = [request_id for request_id, *_ in prepared if request_id is not None]
+            taken = [r for r in given if r in self._requests] + [r for r in set(given)
+                                                                if given.count(r) > 1]
             if taken:
                 raise ValueError(f"request id {taken[0]!r} is already in use")
+            ids = [request_id or self._free_id(prefix, given) for request_id, *_ in prepared]
+            prepared = [(rid, *rest) for rid, (_, *rest) in zip(ids, prepared)]
             requests = []  # all made before any is queued: all or nothing
             for k, ((request_id, text, token_ids, params), callback) in enumerate(
                     zip(prepared, on_update)):
@@ -317,6 +327,14 @@ class Engine:
                 self.scheduler.add(req.seqs[0])
             if not drive:
                 self._kick()
+            return ids
+
+    def _free_id(self, prefix: str, reserved: list[str]) -> str:
+        while True:
+            request_id = f"{prefix}-{next(self._ids)}"
+            if request_id not in self._requests and request_id not in reserved:
+                reserved.append(request_id)
+                return request_id
 
     def _check_can_generate(self) -> None:
         """States that refuse new work: released memory, incomplete weights."""
@@ -416,9 +434,9 @@ class Engine:
                                  f"[1, {len(tokens)}): at least one prompt and one response token")
             self._check_ids(tokens, f"sequence {i}")
             self._fit(tokens[:-1], params)
-            prepared.append((f"score-{next(self._ids)}", None, tokens, params))
+            prepared.append((None, None, tokens, params))
         waiters = [_Waiter() for _ in prepared]
-        self._submit(prepared, waiters, score_from=starts, drive=True)
+        self._submit(prepared, waiters, score_from=starts, drive=True, prefix="score")
         self._drive(waiters)
         return [w.result().outputs[0].logprobs for w in waiters]
 
@@ -441,8 +459,7 @@ class Engine:
         def on_update(output, error):
             loop.call_soon_threadsafe(queue.put_nowait, (output, error))
 
-        rid = prepared[0]
-        self._submit([prepared], [on_update], stream=not _final)
+        (rid,) = self._submit([prepared], [on_update], stream=not _final)
         try:
             while True:
                 output, error = await queue.get()

@@ -80,6 +80,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free_sequence(seq)
+        if seq.score_from is not None:  # recomputed from its first scored token: scored again
+            seq.logprobs = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1

@@ -53,6 +53,39 @@ def test_preemption_and_chunked_prefill_give_the_roomy_tokens(qwen3_path):
     assert all(o.outputs[0].finish_reason == "length" for o in out)
 
 
+def test_scoring_preempted_or_retracted_midway_gives_the_roomy_logprobs(qwen3_path):
+    """A scored sequence recomputed after preemption (or a retract) is scored again from its
+    first response token: its log-probs were appended twice."""
+    sequences = prompts_of([150, 170, 190], seed=9)
+    expected = Engine(str(qwen3_path), block_size=16, num_kv_blocks=512).score(sequences, 1)
+    tight = Engine(str(qwen3_path), block_size=16, num_kv_blocks=40, max_num_batched_tokens=64)
+    growing = threading.Thread(target=tight.generate, args=(
+        prompts_of([20, 25, 30, 35], seed=1), SamplingParams(temperature=0, max_tokens=150,
+                                                              ignore_eos=True)),
+                               kwargs={"use_tqdm": False})
+    growing.start()  # decodes that grow into the blocks the scored sequences hold
+    deadline = time.monotonic() + 60
+    while tight.scheduler.stats.steps < 3:
+        assert time.monotonic() < deadline and growing.is_alive()
+        time.sleep(0.001)
+    assert tight.score(sequences, 1) == expected
+    growing.join(timeout=120)
+    assert tight.scheduler.stats.preemptions > 0
+
+    engine = Engine(str(qwen3_path), block_size=16, num_kv_blocks=64, max_num_batched_tokens=16)
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(out=engine.score(sequences, 1)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(s.num_computed_tokens > 40 for s in list(engine.scheduler.running)):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.001)
+    engine.pause_generation("retract")
+    engine.continue_generation()
+    thread.join(timeout=120)
+    assert box["out"] == expected
+
+
 def test_group_of_eight_prefills_the_prompt_once(qwen3_path):
     engine = Engine(str(qwen3_path), block_size=16, num_kv_blocks=256)
     prompt = prompts_of([200], seed=5)[0]
@@ -307,6 +340,8 @@ def test_strings_in_text_out(engine):
     ([1, -3], SamplingParams(), "token id -3 at position 1"),
     ([], SamplingParams(), "prompt is empty"),
     ([1] * 1000, SamplingParams(max_tokens=100), "exceeds the model's context of 1024"),
+    ([1] * 1000, SamplingParams(max_tokens=None, min_tokens=30),
+     "prompt \\(1000 tokens\\) \\+ min_tokens \\(30\\) exceeds the model's context of 1024"),
     ([1, 2.5], SamplingParams(), "prompt token 1 is 2.5 \\(float\\): token ids are integers"),
     ([True, 2], SamplingParams(), "prompt token 0 is True \\(bool\\)"),
     ({1: 2}, SamplingParams(), "a prompt must be a string or a list of token ids, got dict"),
@@ -378,6 +413,27 @@ def test_a_request_id_in_use_is_refused_and_the_first_request_kept(engine):
         return await first
     out = asyncio.run(run()).outputs[0]
     assert out.finish_reason == "length" and out.token_ids == want
+
+
+def test_automatic_request_ids_pass_over_ids_callers_chose(qwen3_path):
+    """Another client may have named its request "req-N" before the engine's own numbering got
+    there: a request without an id skips it (it was refused as already in use)."""
+    engine = Engine(str(qwen3_path), block_size=16, num_kv_blocks=256)
+    short, long = SamplingParams(max_tokens=1), SamplingParams(max_tokens=1000, ignore_eos=True)
+    number = int(engine.generate([[5, 6]], short, use_tqdm=False)[0].request_id.split("-")[1])
+    named = {f"req-{number + k}" for k in range(60, 80)}
+    loop = asyncio.new_event_loop()
+    tasks = [loop.create_task(engine.generate_async([1, 2, 3], long, request_id=r))
+             for r in sorted(named)]
+    loop.run_until_complete(asyncio.sleep(0.05))  # every named request is in flight
+    # one batch numbered past every named number
+    ids = [o.request_id for o in engine.generate([[7, 8]] * 100, short, use_tqdm=False)]
+    assert not named & set(ids) and len(set(ids)) == len(ids)
+    for request_id in named:
+        assert engine.abort(request_id)
+    outs = loop.run_until_complete(asyncio.gather(*tasks))
+    assert {o.request_id for o in outs} == named
+    loop.close()
 
 
 def test_a_stream_yields_every_token_as_it_comes(engine):
