@@ -59,7 +59,8 @@ def main() -> None:
         advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
 
         ids, mask = (t.to(device) for t in right_padded(rows))
-        with kernels.batch_invariant_mode():
+        # expect: the engine's block size and thread count are checked, not assumed
+        with kernels.batch_invariant_mode(expect=engine.determinism_report()):
             logprobs = torch.log_softmax(policy(input_ids=ids, attention_mask=mask).logits, -1)
             picked = [logprobs[i, s - 1:len(r) - 1]
                       .gather(1, torch.tensor(r[s:], device=device).unsqueeze(1)).squeeze(1)

@@ -67,11 +67,14 @@ def get_ops(device: torch.device | str, deterministic: bool = True,
                invariant.prefill_attention, partial(fast.prepare, invariant))
 
 
-def batch_invariant_mode(split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "auto"):
+def batch_invariant_mode(split_size: int | None = None, backend: str = "auto", expect=None):
     """Context manager for the trainer: torch ops run through the same batch-invariant kernels
-    as the engine, so a Hugging Face model computes the rollout's log-probs bitwise."""
+    as the engine, so a Hugging Face model computes the rollout's log-probs bitwise.
+    `expect`: the engine's `determinism_report()` (or a server's /server_info): its block size
+    becomes the split size, and a CPU thread count other than the engine's is refused.
+    split_size defaults to that block size, else DEFAULT_SPLIT_SIZE."""
     from kernels.mode import BatchInvariantMode
-    return BatchInvariantMode(split_size, backend)
+    return BatchInvariantMode(split_size, backend, expect)
 
 
 def forget_packed_weights() -> None:

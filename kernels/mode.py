@@ -7,6 +7,8 @@ transformers' AttentionInterface. Autograd records the original ops, so backward
 results are correct, not batch invariant).
 """
 
+from collections.abc import Mapping
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -60,15 +62,47 @@ _OVERRIDES = {
 }
 
 
+def _expected(expect) -> dict:
+    """device, block_size and CPU threads of an engine's determinism report (or of a mapping of
+    them: a server's /server_info gives device, page_size and threads)."""
+    if expect is None:
+        return {}
+    if isinstance(expect, Mapping):
+        return {"device": expect.get("device"),
+                "block_size": expect.get("block_size", expect.get("page_size")),
+                "threads": expect.get("threads")}
+    return {"device": expect.device, "block_size": expect.block_size, "threads": expect.threads}
+
+
 class BatchInvariantMode(TorchDispatchMode):
-    def __init__(self, split_size: int = DEFAULT_SPLIT_SIZE, backend: str = "auto"):
+    """`expect`: the engine's `determinism_report()` (or a mapping with its device, block_size
+    and threads): the conditions under which the rollout's bits are reproduced are checked
+    instead of assumed (split_size defaults to its block size; a CPU thread count other than
+    the engine's is refused on entering)."""
+
+    def __init__(self, split_size: int | None = None, backend: str = "auto", expect=None):
         super().__init__()
+        self.expected = _expected(expect)
+        block_size = self.expected.get("block_size")
+        if split_size is None:
+            split_size = block_size or DEFAULT_SPLIT_SIZE
+        elif block_size is not None and split_size != block_size:
+            raise ValueError(f"split_size {split_size} differs from the engine's block size "
+                             f"{block_size}: attention would sum its keys in other splits")
         if split_size < 1:
             raise ValueError(f"split_size must be >= 1, got {split_size}")
         backend_module("cpu", backend)  # validates the name
         self.split_size, self.backend = split_size, backend
 
     def __enter__(self):
+        threads = self.expected.get("threads")
+        device = str(self.expected.get("device") or "")
+        if threads is not None and device.startswith("cpu") \
+                and threads != torch.get_num_threads():
+            raise RuntimeError(f"the engine ran on {threads} torch threads, this process on "
+                               f"{torch.get_num_threads()}: on the CPU BLAS picks its kernels "
+                               f"by thread count, so the log-probs would differ; call "
+                               f"torch.set_num_threads({threads}) first")
         _active.append(self)
         return super().__enter__()
 

@@ -53,6 +53,11 @@ class DeterminismReport:
     verdicts: tuple[Verdict, ...]
 
     @property
+    def threads(self) -> int:
+        """The torch thread count the CPU kernels were proven and chosen for."""
+        return self.verdicts[0].threads if self.verdicts else torch.get_num_threads()
+
+    @property
     def guaranteed(self) -> bool:
         """Batch invariance holds for every op this engine runs, on this machine."""
         return self.deterministic and all(v.guaranteed for v in self.verdicts)

@@ -15,6 +15,7 @@ import time
 import httpx2
 import pytest
 
+import kernels
 from tests.peers import trained
 from tests.serving import REPO, env, free_port, rollout_serve
 from tests.test_weight_sync import assert_matches
@@ -258,6 +259,8 @@ def test_probes_and_logs(server):
             assert (info["tp_size"], info["dp_size"], info["pp_size"], info["ep_size"]) == \
                 (1, 1, 1, 1)
             assert info["enable_memory_saver"] is True and info["dtype"] == "float32"
+            assert kernels.batch_invariant_mode(expect=info).split_size == info["page_size"]
+            assert isinstance(info["threads"], int) and info["threads"] >= 1
     log = server.log()
     assert "Uvicorn running on http://127.0.0.1:" in log  # loopback unless told otherwise
     assert '"POST /generate" 200' in log and '"POST /abort_request" 200' in log

@@ -67,3 +67,22 @@ def test_transformers_runs_normally_beside_our_kernels_package(qwen3_path):
     assert out.shape == (1, 7)
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_the_mode_checks_the_engines_block_size_and_thread_count(qwen3_path):
+    """The conditions under which the trainer reproduces the rollout are checked when the
+    engine's report is given, not assumed: either one differing changed the log-probs
+    silently."""
+    engine = Engine(str(qwen3_path), block_size=16, num_kv_blocks=64)
+    report = engine.determinism_report()
+    assert kernels.batch_invariant_mode(expect=report).split_size == 16
+    with pytest.raises(ValueError, match="split_size 32 differs from the engine's block size 16"):
+        kernels.batch_invariant_mode(split_size=32, expect=report)
+    with kernels.batch_invariant_mode(expect=report):
+        pass
+    threads = torch.get_num_threads()
+    served = {"device": "cpu", "page_size": 16, "threads": threads + 1}  # /server_info's fields
+    with pytest.raises(RuntimeError, match=f"the engine ran on {threads + 1} torch threads, "
+                                           f"this process on {threads}"):
+        with kernels.batch_invariant_mode(expect=served):
+            pass

@@ -244,6 +244,7 @@ async def server_info(server: ServerDep):
         "max_total_num_tokens": engine.block_manager.num_blocks * config.block_size,
         "page_size": config.block_size, "chunked_prefill_size": config.max_num_batched_tokens,
         "deterministic": config.deterministic, "memory": engine.memory_stats(),
+        "threads": engine.determinism_report().threads,  # batch_invariant_mode(expect=...)
         "version": package_version(),
     }
 

@@ -165,6 +165,11 @@ class EngineActor:
         """Sequences running and waiting in this engine."""
         return engine_state.load(self.engine)
 
+    async def determinism_report(self):
+        """The engine's `DeterminismReport` (a trainer passes it to
+        `kernels.batch_invariant_mode(expect=...)`)."""
+        return self.engine.determinism_report()
+
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
