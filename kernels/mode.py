@@ -7,6 +7,7 @@ transformers' AttentionInterface. Autograd records the original ops, so backward
 results are correct, not batch invariant).
 """
 
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -123,10 +124,12 @@ class BatchInvariantMode(TorchDispatchMode):
 def hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: query [B, H, L, D], key/value [B, kv_heads, L, D].
 
-    Sequences must be right-padded (causal attention never looks at the padding after a token).
-    Returns [B, L, H, D] as the interface expects."""
+    Sequences must be right-padded, one per row (causal attention never looks at the padding
+    after a token); any other mask is refused (`_check_right_padded`). Returns [B, L, H, D] as
+    the interface expects."""
     if dropout:
         raise ValueError(f"{__name__}.hf_attention does not do dropout (got dropout={dropout})")
+    _check_right_padded(attention_mask)
     split = _active[-1].split_size if _active else DEFAULT_SPLIT_SIZE
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     impl = _impl(query)
@@ -136,6 +139,34 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
     return torch.stack(outs), None
 
 
+_checked: list = [lambda: None]  # a weak reference to the last mask found right-padded
+
+
+def _check_right_padded(mask: torch.Tensor | None) -> None:
+    """The mask transformers built for the batch (None: no padding) must be causal attention
+    over each row's first tokens: left padding or several sequences packed in a row would be
+    attended as if right-padded, silently wrong. Checked once per mask (every layer gets the
+    same one)."""
+    if mask is None or _checked[0]() is mask:
+        return
+    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]  # [B, Q, K]
+    q, k = visible.shape[-2:]
+    lengths = visible[:, -1].sum(-1)  # a right-padded row's last query sees its tokens
+    keys = torch.arange(k, device=visible.device)
+    queries = torch.arange(q, device=visible.device) + (k - q)
+    want = (keys[None, :] <= queries[:, None])[None] & (keys < lengths[:, None])[:, None]
+    if not bool((visible == want).all()):
+        raise ValueError("batch_invariant_mode's attention takes right-padded batches (each "
+                         "row: one sequence's tokens, then padding); this attention mask has "
+                         "padding before tokens or several sequences in a row: pad on the right")
+    _checked[0] = weakref.ref(mask)
+
+
 def register_hf_attention(name: str) -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(name, hf_attention)
+    try:  # the mask transformers builds for this name (else None): what the check reads
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return
+    AttentionMaskInterface.register(name, sdpa_mask)

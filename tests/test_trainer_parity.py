@@ -86,3 +86,19 @@ def test_the_mode_checks_the_engines_block_size_and_thread_count(qwen3_path):
                                            f"this process on {threads}"):
         with kernels.batch_invariant_mode(expect=served):
             pass
+
+
+def test_the_mode_refuses_batches_that_are_not_right_padded(qwen3_path):
+    """Its attention reads each row as one sequence's tokens, then padding: left padding and
+    packed rows were attended as if right-padded (log-probs off by several nats, silently)."""
+    model = transformers.Qwen3ForCausalLM.from_pretrained(
+        qwen3_path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION)
+    ids, mask = right_padded([[5, 6, 7, 8, 9], [5, 6, 7]])
+    with torch.no_grad(), kernels.batch_invariant_mode():
+        model(input_ids=ids, attention_mask=mask)  # right-padded: fine
+        for left in (mask.flip(1), None):
+            kwargs = ({"attention_mask": left} if left is not None else  # two packed in a row
+                      {"position_ids": torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]),
+                       "use_cache": False})  # as in training: no cache, so packing is seen
+            with pytest.raises(ValueError, match="takes right-padded batches"):
+                model(input_ids=ids, **kwargs)
