@@ -71,6 +71,11 @@ class _Waiter:
         return self.output
 
 
+class ScoringAborted(RuntimeError):
+    """A `score` request was aborted (`abort()`, `pause_generation("abort")`) before every
+    position was scored."""
+
+
 class Engine:
     """A rollout engine over one Hugging Face checkpoint.
 
@@ -419,7 +424,44 @@ class Engine:
               temperature: float = 1.0) -> list[list[float]]:
         """Teacher-forced log-probs of each sequence's tokens from `response_start` on, in one
         pass through the same kernels as generation: what a trainer's old-log-prob recompute
-        gives, and bitwise the log-probs generation returned for those tokens."""
+        gives, and bitwise the log-probs generation returned for those tokens. Raises
+        `ScoringAborted` where a sequence was aborted before it was scored whole."""
+        prepared, starts = self._prepare_scores(sequences, response_start, temperature)
+        waiters = [_Waiter() for _ in prepared]
+        self._submit(prepared, waiters, score_from=starts, drive=True, prefix="score")
+        self._drive(waiters)
+        return _scored([w.result() for w in waiters])
+
+    async def score_async(self, sequences: Seq[list[int]], response_start: int | Seq[int],
+                          temperature: float = 1.0,
+                          request_ids: Seq[str] | None = None) -> list[list[float]]:
+        """`score` from asyncio, stepped by the engine's loop thread (no thread waits on it);
+        `request_ids` name the sequences for `abort()`. A cancelled call aborts them."""
+        prepared, starts = self._prepare_scores(sequences, response_start, temperature)
+        if request_ids is not None:
+            if len(request_ids) != len(prepared):
+                raise ValueError(f"got {len(request_ids)} request ids for {len(prepared)} "
+                                 "sequences")
+            prepared = [(rid, *rest) for rid, (_, *rest) in zip(request_ids, prepared)]
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in prepared]
+
+        def settle(future: asyncio.Future):
+            def on_update(output, error):
+                if error is not None or output.finished:
+                    loop.call_soon_threadsafe(_resolve, future, output, error)
+            return on_update
+
+        ids = self._submit(prepared, [settle(f) for f in futures], score_from=starts,
+                           prefix="score")
+        try:
+            return _scored(await asyncio.gather(*futures))
+        finally:
+            for rid in ids:
+                if rid in self._requests:
+                    self.abort(rid)
+
+    def _prepare_scores(self, sequences, response_start, temperature) -> tuple[list, list]:
         sequences = [self._tokenize(list(s))[1] for s in sequences]
         starts = ([response_start] * len(sequences) if isinstance(response_start, int)
                   else list(response_start))
@@ -435,10 +477,7 @@ class Engine:
             self._check_ids(tokens, f"sequence {i}")
             self._fit(tokens[:-1], params)
             prepared.append((None, None, tokens, params))
-        waiters = [_Waiter() for _ in prepared]
-        self._submit(prepared, waiters, score_from=starts, drive=True, prefix="score")
-        self._drive(waiters)
-        return [w.result().outputs[0].logprobs for w in waiters]
+        return prepared, starts
 
     async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                              request_id: str | None = None) -> RequestOutput:
@@ -709,6 +748,21 @@ class Engine:
             "released": {tag: 0 if arena.resident else arena.nbytes
                          for tag, arena in arenas.items()},
         }
+
+
+def _resolve(future: asyncio.Future, output, error) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(output)
+
+
+def _scored(outputs: list[RequestOutput]) -> list[list[float]]:
+    """The log-probs of scored requests; refused where one was aborted midway (its list would
+    be short, and look whole)."""
+    aborted = [i for i, o in enumerate(outputs) if o.outputs[0].finish_reason == "abort"]
+    if aborted:
+        raise ScoringAborted(f"scoring of sequence(s) {aborted} was aborted (abort() or "
+                             "pause_generation('abort')) before every position was scored")
+    return [o.outputs[0].logprobs for o in outputs]
 
 
 def _manifest(names: list[str], dtypes: list, shapes: list) -> list[TensorMeta]:

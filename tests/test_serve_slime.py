@@ -327,6 +327,60 @@ def test_scoring_a_prompt_gives_the_generation_logprobs(server):
         assert inputs[len(PROMPTS[1]):] == single["meta_info"]["output_token_logprobs"]
 
 
+def test_prompt_scoring_waits_at_the_pause_gate_and_is_aborted_like_generation(qwen3_path):
+    """Scoring-only requests (max_new_tokens 0) went around the pause gate and the rid registry:
+    a pause with mode abort cut one short and answered it as complete, /abort_request could not
+    find one, and 45 of them sent while paused each held a worker thread until no route could
+    run, /continue_generation included."""
+    def scoring(sequence: list[int], rid: str) -> dict:
+        return {"input_ids": sequence, "return_logprob": True, "logprob_start_len": 0,
+                "rid": rid, "sampling_params": {"max_new_tokens": 0, "temperature": 0}}
+    long, short = [(i * 7) % 500 + 1 for i in range(900)], [(i * 7) % 500 + 1 for i in range(60)]
+
+    async def scenario(served):
+        async with served.async_client(timeout=60) as client:
+            want = (await client.post("/generate", json=scoring(short, "first"))).json()
+            want = want["meta_info"]["input_token_logprobs"]
+            cut = asyncio.create_task(client.post("/generate", json=scoring(long, "cut")))
+            await running_at_least(client, 1)
+            assert (await client.post("/pause_generation", json={})).status_code == 200
+            meta = (await cut).json()["meta_info"]  # slime's pause: mode abort
+            assert meta["finish_reason"]["type"] == "abort" and "input_token_logprobs" not in meta
+
+            waiting = [asyncio.create_task(client.post("/generate", json=scoring(short, f"w{i}")))
+                       for i in range(45)]
+
+            async def all_waiting():
+                return (await load(client))["num_waiting_reqs"] >= 45
+            await until(all_waiting, 30, "45 scoring requests at the pause gate")
+            assert (await client.post("/abort_request", json={"rid": "w0"})).status_code == 200
+            assert (await waiting[0]).json()["meta_info"]["finish_reason"]["type"] == "abort"
+            assert (await client.post("/continue_generation", json={})).status_code == 200
+            for reply in await asyncio.gather(*waiting[1:]):
+                assert reply.json()["meta_info"]["input_token_logprobs"] == want
+    with rollout_serve(qwen3_path, "--max-num-batched-tokens", "32") as served:
+        asyncio.run(scenario(served))
+
+
+def test_health_generate_answers_while_requests_queue(qwen3_path):
+    """A probe queued behind a busy engine's requests waited its turn and answered 503 after
+    20 s on a healthy server (slime's fault tolerance kills such engines); as SGLang's, any step
+    the engine completes meanwhile shows it healthy."""
+    async def scenario(served):
+        async with served.async_client() as client:
+            posts = [asyncio.create_task(client.post("/generate", json=slime_payload(
+                p, 1000, i))) for i, p in enumerate(PROMPTS)]
+            await running_at_least(client, 2)
+            start = time.monotonic()
+            assert (await client.get("/health_generate")).status_code == 200
+            assert time.monotonic() - start < 10
+            assert (await load(client))["num_waiting_reqs"] > 0  # the probe did not wait its turn
+            await client.post("/abort_request", json={"abort_all": True})
+            await asyncio.gather(*posts)
+    with rollout_serve(qwen3_path, "--max-num-seqs", "2") as served:
+        asyncio.run(scenario(served))
+
+
 def test_a_sample_across_an_update_lists_both_versions(server, qwen3_path, tmp_path):
     trained(qwen3_path, 25).save_pretrained(tmp_path / "step-25")
 

@@ -13,9 +13,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from integrations.http.protocol import GenerateRequest, Prompt, SglSamplingParams
-from integrations.http.server import ApiError, Server
+from integrations.http.server import ApiError, Server, engine_errors
 from integrations.http.streams import gather, merge, primed, sse, unless_disconnected
 from rollout import RequestOutput, SamplingParams
+from rollout.engine import ScoringAborted
 from rollout.outputs import CompletionOutput
 
 
@@ -37,6 +38,7 @@ class Job:
         self.rid = req.request_id(i)
         self.started = time.perf_counter()
         self.input_logprobs: list | None = None
+        self.scoring_aborted = False
 
     @property
     def scoring_only(self) -> bool:
@@ -96,18 +98,31 @@ class Job:
 
     async def score_prompt(self, ids: list[int]) -> None:
         """input_token_logprobs from logprob_start_len on: the first token has none, the rest
-        come from the engine's teacher-forced `score`."""
-        if not self.wants_input_logprobs or self.input_logprobs is not None:
+        come from the engine's teacher-forced scoring, which waits while generation is paused
+        and is found by /abort_request under the request's rid, like generation. Aborted, the
+        answer says so (finish_reason abort, no input log-probs)."""
+        if not self.wants_input_logprobs or self.input_logprobs is not None \
+                or self.scoring_aborted:
             return
         start, scored = self.req.logprob_start_len, []
         if len(ids) > 1:
-            (scored,) = await self.server.call(self.server.engine.score, [ids], max(start, 1),
-                                               self.sp.temperature)
+            async with self.server.admit(self.rid) as (rid, aborted):
+                with engine_errors():
+                    try:
+                        if aborted:
+                            raise ScoringAborted("aborted before scoring")
+                        (scored,) = await self.server.engine.score_async(
+                            [ids], max(start, 1), self.sp.temperature, request_ids=[rid])
+                    except ScoringAborted:
+                        self.scoring_aborted = True
+                        return
         logprobs = [None] * (start == 0) + scored
         self.input_logprobs = [[lp, t, self.token_text(t)]
                                for lp, t in zip(logprobs, ids[start:])]
 
     def render(self, out: RequestOutput, c: CompletionOutput) -> dict:
+        if self.scoring_aborted:
+            c.finish_reason = "abort"
         ids, logprobs, tops = c.token_ids, c.logprobs or [], c.top_logprobs or []
         matched = c.stop_reason
         if (c.finish_reason == "stop" and isinstance(matched, int) and not self.sp.no_stop_trim

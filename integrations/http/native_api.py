@@ -24,7 +24,8 @@ HEALTH_TIMEOUT_S = 20.0
 PER_TENSOR = 1  # bucket size that makes every tensor its own broadcast, as SGLang receives them
 
 
-def server_of(request: Request) -> Server:
+async def server_of(request: Request) -> Server:
+    # async: a sync dependency takes a worker thread of the pool that engine calls wait in
     return request.app.state.server
 
 
@@ -202,16 +203,28 @@ async def health():
 
 @router.get("/health_generate", tags=["info"])
 async def health_generate(server: ServerDep):
-    """One greedy token; 503 when the engine cannot generate now (paused, released, weights
-    incomplete)."""
+    """One greedy token, or (as SGLang's) any engine step completed meanwhile: a probe queued
+    behind a busy engine's requests must not fail a healthy server (slime's fault tolerance
+    kills engines whose probe fails). 503 when the engine cannot generate now (paused,
+    released, weights incomplete)."""
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=False)
+    stats = server.engine.scheduler.stats
+    steps, deadline = stats.steps, asyncio.get_running_loop().time() + HEALTH_TIMEOUT_S
+    probe = asyncio.ensure_future(server.generate([0], params, None))
     try:
-        await asyncio.wait_for(server.generate([0], params, None), HEALTH_TIMEOUT_S)
+        while not probe.done():
+            if stats.steps > steps + 1:  # a step began and ended after the probe arrived
+                return {}
+            if asyncio.get_running_loop().time() > deadline:
+                raise ApiError(503, f"no token within {HEALTH_TIMEOUT_S:g} s (generation "
+                                    "paused?)")
+            await asyncio.wait({probe}, timeout=0.02)
+        probe.result()
     except ApiError as e:
-        raise ApiError(503, f"cannot generate: {e.message}") from None
-    except asyncio.TimeoutError:
-        raise ApiError(503, f"no token within {HEALTH_TIMEOUT_S:g} s (generation paused?)") \
+        raise ApiError(503, e.message if e.status == 503 else f"cannot generate: {e.message}") \
             from None
+    finally:
+        probe.cancel()  # still queued: aborted, its rid let go
     return {}
 
 
