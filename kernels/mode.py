@@ -7,7 +7,6 @@ transformers' AttentionInterface. Autograd records the original ops, so backward
 results are correct, not batch invariant).
 """
 
-import weakref
 from collections.abc import Mapping
 
 import torch
@@ -125,11 +124,11 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
     """transformers attention interface: query [B, H, L, D], key/value [B, kv_heads, L, D].
 
     Sequences must be right-padded, one per row (causal attention never looks at the padding
-    after a token); any other mask is refused (`_check_right_padded`). Returns [B, L, H, D] as
-    the interface expects."""
+    after a token); left padding and packed rows are refused (`_right_padding_only`,
+    `_check_positions`). Returns [B, L, H, D] as the interface expects."""
     if dropout:
         raise ValueError(f"{__name__}.hf_attention does not do dropout (got dropout={dropout})")
-    _check_right_padded(attention_mask)
+    _check_positions(kwargs.get("position_ids"))
     split = _active[-1].split_size if _active else DEFAULT_SPLIT_SIZE
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     impl = _impl(query)
@@ -139,34 +138,38 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
     return torch.stack(outs), None
 
 
-_checked: list = [lambda: None]  # a weak reference to the last mask found right-padded
+def _right_padding_only(attention_mask: torch.Tensor | None = None, **kwargs) -> None:
+    """transformers' mask hook for our attention name: builds no [B, 1, L, L] mask (the
+    attention is causal over each row's first tokens) and refuses a 2D padding mask with
+    padding before tokens (left padding), which would be attended as if right-padded."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        keep = attention_mask.bool()
+        if bool((keep[:, 1:] & ~keep[:, :-1]).any()):
+            raise ValueError(NOT_RIGHT_PADDED)
+    return None
 
 
-def _check_right_padded(mask: torch.Tensor | None) -> None:
-    """The mask transformers built for the batch (None: no padding) must be causal attention
-    over each row's first tokens: left padding or several sequences packed in a row would be
-    attended as if right-padded, silently wrong. Checked once per mask (every layer gets the
-    same one)."""
-    if mask is None or _checked[0]() is mask:
+def _check_positions(position_ids: torch.Tensor | None) -> None:
+    """Each row's positions count 0, 1, ... over its tokens; the padding after them may hold
+    anything that does not count up again (a second sequence packed in the row would)."""
+    if position_ids is None:
         return
-    visible = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]  # [B, Q, K]
-    q, k = visible.shape[-2:]
-    lengths = visible[:, -1].sum(-1)  # a right-padded row's last query sees its tokens
-    keys = torch.arange(k, device=visible.device)
-    queries = torch.arange(q, device=visible.device) + (k - q)
-    want = (keys[None, :] <= queries[:, None])[None] & (keys < lengths[:, None])[:, None]
-    if not bool((visible == want).all()):
-        raise ValueError("batch_invariant_mode's attention takes right-padded batches (each "
-                         "row: one sequence's tokens, then padding); this attention mask has "
-                         "padding before tokens or several sequences in a row: pad on the right")
-    _checked[0] = weakref.ref(mask)
+    step = position_ids[:, 1:] - position_ids[:, :-1]
+    fell = (step < 0).cumsum(-1) > 0
+    if bool((position_ids[:, 0] != 0).any() or (fell & (step > 0)).any()):
+        raise ValueError(NOT_RIGHT_PADDED)
+
+
+NOT_RIGHT_PADDED = ("batch_invariant_mode's attention takes right-padded batches (each row: one "
+                    "sequence's tokens from position 0, then padding); this batch has padding "
+                    "before tokens or several sequences in a row: pad on the right")
 
 
 def register_hf_attention(name: str) -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(name, hf_attention)
-    try:  # the mask transformers builds for this name (else None): what the check reads
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    try:  # transformers' mask hook for this name: checks the padding, builds no mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         return
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, _right_padding_only)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rollout import Engine, SamplingParams
+from rollout.engine import ScoringAborted
 
 
 def prompts_of(lengths, seed=0, vocab=512):
@@ -81,9 +82,28 @@ def test_scoring_preempted_or_retracted_midway_gives_the_roomy_logprobs(qwen3_pa
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.001)
     engine.pause_generation("retract")
+    preempted = engine.scheduler.stats.preemptions
     engine.continue_generation()
     thread.join(timeout=120)
-    assert box["out"] == expected
+    assert box["out"] == expected and preempted > 0
+
+    # aborted midway (pause mode abort): refused, not a short list that looks whole
+    thread = threading.Thread(target=lambda: box.update(out=_raised(engine.score, sequences, 1)))
+    thread.start()
+    while not any(s.num_computed_tokens > 40 for s in list(engine.scheduler.running)):
+        assert time.monotonic() < deadline + 60 and thread.is_alive()
+        time.sleep(0.001)
+    engine.pause_generation("abort")
+    engine.continue_generation()
+    thread.join(timeout=120)
+    assert isinstance(box["out"], ScoringAborted) and "aborted" in str(box["out"])
+
+
+def _raised(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
 
 
 def test_group_of_eight_prefills_the_prompt_once(qwen3_path):

@@ -365,10 +365,16 @@ def test_a_replacement_copies_what_a_trainer_sent_the_engines_directly(ray_sessi
         named = {n: t.detach() for n, t in trained(qwen3_path, 10).named_parameters()}
         with weight_sync.ZmqWeightSender(current[0], bucket_bytes=1 << 16) as sender:
             buckets = sender.begin(named, 10)
+            old = group.slots[1].actor
             replacing = threading.Thread(target=group.replace, args=(1,), daemon=True)
             replacing.start()
-            time.sleep(1.0)
-            assert replacing.is_alive()  # waits for the update open on its donor
+            deadline = time.monotonic() + 120
+            while group.slots[1].actor == old:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            ray.get(group.slots[1].actor.weight_version.remote())  # the new engine is up
+            time.sleep(0.5)
+            assert replacing.is_alive()  # waiting for the update open on its donor
             for bucket in buckets:
                 sender.send_bucket(named, bucket)
             assert sender.commit() == 10

@@ -329,22 +329,28 @@ def test_scoring_a_prompt_gives_the_generation_logprobs(server):
 
 def test_prompt_scoring_waits_at_the_pause_gate_and_is_aborted_like_generation(qwen3_path):
     """Scoring-only requests (max_new_tokens 0) went around the pause gate and the rid registry:
-    a pause with mode abort cut one short and answered it as complete, /abort_request could not
-    find one, and 45 of them sent while paused each held a worker thread until no route could
-    run, /continue_generation included."""
-    def scoring(sequence: list[int], rid: str) -> dict:
+    /abort_request could not find one, and 45 of them sent while paused each held a worker
+    thread until no route could run, /continue_generation included. A generation aborted by
+    the pause skips its prompt scoring (it waited at the gate), and a streamed request with a
+    rid is scored too."""
+    def scoring(sequence: list[int], rid: str, new_tokens: int = 0, **extra) -> dict:
         return {"input_ids": sequence, "return_logprob": True, "logprob_start_len": 0,
-                "rid": rid, "sampling_params": {"max_new_tokens": 0, "temperature": 0}}
-    long, short = [(i * 7) % 500 + 1 for i in range(900)], [(i * 7) % 500 + 1 for i in range(60)]
+                "rid": rid, "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0,
+                                                "ignore_eos": True}, **extra}
+    short = [(i * 7) % 500 + 1 for i in range(60)]
 
     async def scenario(served):
         async with served.async_client(timeout=60) as client:
             want = (await client.post("/generate", json=scoring(short, "first"))).json()
             want = want["meta_info"]["input_token_logprobs"]
-            cut = asyncio.create_task(client.post("/generate", json=scoring(long, "cut")))
+            reply = await client.post("/generate", json=scoring(short, "s", 3, stream=True))
+            final = json.loads(reply.text.split("data: ")[-2])  # a rid, streamed: scored too
+            assert final["meta_info"]["input_token_logprobs"] == want
+
+            cut = asyncio.create_task(client.post("/generate", json=scoring(short, "cut", LONG)))
             await running_at_least(client, 1)
             assert (await client.post("/pause_generation", json={})).status_code == 200
-            meta = (await cut).json()["meta_info"]  # slime's pause: mode abort
+            meta = (await cut).json()["meta_info"]  # slime's pause (mode abort): no scoring
             assert meta["finish_reason"]["type"] == "abort" and "input_token_logprobs" not in meta
 
             waiting = [asyncio.create_task(client.post("/generate", json=scoring(short, f"w{i}")))
@@ -358,7 +364,7 @@ def test_prompt_scoring_waits_at_the_pause_gate_and_is_aborted_like_generation(q
             assert (await client.post("/continue_generation", json={})).status_code == 200
             for reply in await asyncio.gather(*waiting[1:]):
                 assert reply.json()["meta_info"]["input_token_logprobs"] == want
-    with rollout_serve(qwen3_path, "--max-num-batched-tokens", "32") as served:
+    with rollout_serve(qwen3_path) as served:
         asyncio.run(scenario(served))
 
 

@@ -94,11 +94,13 @@ def test_the_mode_refuses_batches_that_are_not_right_padded(qwen3_path):
     model = transformers.Qwen3ForCausalLM.from_pretrained(
         qwen3_path, dtype=torch.float32, attn_implementation=kernels.HF_ATTENTION)
     ids, mask = right_padded([[5, 6, 7, 8, 9], [5, 6, 7]])
+    verl_positions = (mask.cumsum(-1) - 1).clamp(min=0)  # the padding keeps the last position
+    packed = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
     with torch.no_grad(), kernels.batch_invariant_mode():
         model(input_ids=ids, attention_mask=mask)  # right-padded: fine
-        for left in (mask.flip(1), None):
-            kwargs = ({"attention_mask": left} if left is not None else  # two packed in a row
-                      {"position_ids": torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]),
-                       "use_cache": False})  # as in training: no cache, so packing is seen
+        model(input_ids=ids, attention_mask=mask, position_ids=verl_positions)
+        model(input_ids=ids, attention_mask=mask, position_ids=verl_positions * mask)
+        for kwargs in ({"attention_mask": mask.flip(1)}, {"position_ids": packed},
+                       {"position_ids": packed, "use_cache": False}):
             with pytest.raises(ValueError, match="takes right-padded batches"):
                 model(input_ids=ids, **kwargs)

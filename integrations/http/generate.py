@@ -5,6 +5,7 @@ One prompt answers an object (a list of n with n > 1), a batch answers a list in
 output of each sample (`index` names it when there are several), ending `data: [DONE]`.
 """
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -65,7 +66,7 @@ class Job:
         else:
             out = await self.server.generate(self.prompt, engine_params(self.sp, self.req),
                                              self.rid)
-        await self.score_prompt(out.prompt_token_ids)
+        await self.score_prompt(out)
         return [self.render(out, c) for c in out.outputs]
 
     async def stream(self) -> AsyncIterator[tuple[int, dict]]:
@@ -73,20 +74,31 @@ class Job:
         self.check_logprob_start()
         if self.scoring_only:
             out = self.empty_output()
-            await self.score_prompt(out.prompt_token_ids)
+            await self.score_prompt(out)
             for c in out.outputs:
                 yield c.index, self.render(out, c)
             return
         sent: dict[int, tuple[int, bool]] = {}
+        final = None
         async for out in self.server.stream(self.prompt, engine_params(self.sp, self.req),
                                             self.rid):
-            if out.finished:
-                await self.score_prompt(out.prompt_token_ids)
-            for c in out.outputs:
-                state = (len(c.token_ids), c.finish_reason is not None)
-                if sent.get(c.index) != state:
-                    sent[c.index] = state
-                    yield c.index, self.render(out, c)
+            if out.finished:  # scored once the generation has let its rid go
+                final = out
+                continue
+            for change in self.changes(out, sent):
+                yield change
+        if final is not None:
+            await self.score_prompt(final)
+            for change in self.changes(final, sent):
+                yield change
+
+    def changes(self, out: RequestOutput, sent: dict[int, tuple[int, bool]]):
+        """(index, sample) of the samples that changed since `sent` recorded them."""
+        for c in out.outputs:
+            state = (len(c.token_ids), c.finish_reason is not None)
+            if sent.get(c.index) != state:
+                sent[c.index] = state
+                yield c.index, self.render(out, c)
 
     def empty_output(self) -> RequestOutput:
         """max_new_tokens 0: no completion tokens (the prompt may still be scored)."""
@@ -96,7 +108,7 @@ class Job:
             c.finish_reason, c.logprobs = "length", []
         return out
 
-    async def score_prompt(self, ids: list[int]) -> None:
+    async def score_prompt(self, out: RequestOutput) -> None:
         """input_token_logprobs from logprob_start_len on: the first token has none, the rest
         come from the engine's teacher-forced scoring, which waits while generation is paused
         and is found by /abort_request under the request's rid, like generation. Aborted, the
@@ -104,7 +116,10 @@ class Job:
         if not self.wants_input_logprobs or self.input_logprobs is not None \
                 or self.scoring_aborted:
             return
-        start, scored = self.req.logprob_start_len, []
+        if any(c.finish_reason == "abort" for c in out.outputs):  # the request was aborted
+            self.scoring_aborted = True
+            return
+        ids, start, scored = out.prompt_token_ids, self.req.logprob_start_len, []
         if len(ids) > 1:
             async with self.server.admit(self.rid) as (rid, aborted):
                 with engine_errors():
@@ -122,7 +137,7 @@ class Job:
 
     def render(self, out: RequestOutput, c: CompletionOutput) -> dict:
         if self.scoring_aborted:
-            c.finish_reason = "abort"
+            c = dataclasses.replace(c, finish_reason="abort")
         ids, logprobs, tops = c.token_ids, c.logprobs or [], c.top_logprobs or []
         matched = c.stop_reason
         if (c.finish_reason == "stop" and isinstance(matched, int) and not self.sp.no_stop_trim

@@ -145,19 +145,19 @@ class EngineActor:
 
     # ---------------------------------------------------------------- health and load
 
-    async def health(self, timeout_s: float = 30.0) -> float:
+    async def health(self, timeout_s: float = 30.0) -> float | None:
         """Seconds a one-token generation took; raises TimeoutError past `timeout_s`, and the
         engine's refusal where it takes no work (incomplete weights). While a weight update is
         open the engine steps nothing until it ends (a transport's own timeout ends a stalled
-        one), so the answer alone shows it alive: 0.0."""
+        one), so the answer alone shows it alive: None (no generation was tried)."""
         if engine_state.updating(self.engine):
-            return 0.0
+            return None
         start = time.monotonic()
         try:
             await asyncio.wait_for(self.engine.generate_async([0], HEALTH_PROBE), timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             if engine_state.updating(self.engine):  # the update opened while the probe waited
-                return 0.0
+                return None
             raise
         return time.monotonic() - start
 

@@ -36,7 +36,7 @@ from integrations.ray.actor import RolloutActor
 from rollout import RequestOutput, SamplingParams
 from rollout.engine import MEMORY_TAGS
 from rollout.weights import IncompleteWeightsError
-from weight_sync import DEFAULT_BUCKET_BYTES
+from weight_sync import DEFAULT_BUCKET_BYTES, split_address
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -472,8 +472,9 @@ class RolloutGroup:
         try:
             # the actor times the probe itself (and knows an open update from a hang); one
             # second more for its answer to arrive
-            await asyncio.wait_for(probe, timeout_s + 1.0)
-            slot.refusing = None
+            generated = await asyncio.wait_for(probe, timeout_s + 1.0)
+            if not idle and generated is not None:  # a token came: the weights are whole
+                slot.refusing = None
         except (RayActorError, TimeoutError) as e:  # TimeoutError: here or in the actor
             self._lost(slot, e)  # killed: its pending calls fail and are rerouted
         except RayTaskError as e:  # it answered: alive, but refusing work
@@ -518,8 +519,9 @@ class RolloutGroup:
                 if self._receiver_timeout_s is not None:
                     address = await slot.actor.start_weight_receiver.remote(
                         None, self._receiver_timeout_s)
-                    log.warning("rollout group: engine %d's weight receiver is now at %s",
-                                index, address)
+                    log.warning("rollout group: engine %d's weight receiver is now at %s "
+                                "(start_weight_receivers() gives it with its token)", index,
+                                split_address(address)[0])
             except Exception as e:
                 self._drop(slot, f"replacement failed: {_first_line(e)}")
                 raise
@@ -567,6 +569,7 @@ class RolloutGroup:
             try:
                 await slot.actor.resume_memory.remote(sorted(set(MEMORY_TAGS) - self._released))
                 donor = min(self._ready_slots(), key=lambda s: s.refusing is not None)
+                await self._settled(donor)
                 await self._copy_weights(donor, slot)
                 await self._match_group(slot)
             except Exception as e:
@@ -581,7 +584,8 @@ class RolloutGroup:
         slot.ready, slot.waiting, slot.error = False, False, why
 
     async def _copy_weights(self, donor: EngineSlot, slot: EngineSlot) -> None:
-        address = await slot.actor.start_weight_receiver.remote()
+        address = await slot.actor.start_weight_receiver.remote(
+            None, self._receiver_timeout_s or 60.0)
         await donor.actor.send_weights.remote(address)
         want, got = await asyncio.gather(donor.actor.weights_checksum.remote(),
                                          slot.actor.weights_checksum.remote())
