@@ -9,6 +9,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import contextmanager
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,8 +34,11 @@ def engine_params(sp: SglSamplingParams, req: GenerateRequest) -> SamplingParams
 class Job:
     """One prompt of a /generate request: runs it and shapes its samples."""
 
-    def __init__(self, server: Server, req: GenerateRequest, i: int, prompt: Prompt):
+    def __init__(self, server: Server, req: GenerateRequest, i: int, prompt: Prompt,
+                 batch: bool = False):
         self.server, self.req, self.prompt = server, req, prompt
+        # a refusal names the batch item: "input_ids[1]: ..."
+        self.where = f"{'text' if req.text is not None else 'input_ids'}[{i}]" if batch else None
         self.sp = req.params(i)
         self.rid = req.request_id(i)
         self.started = time.perf_counter()
@@ -60,6 +64,26 @@ class Job:
                                 f"the prompt length ({length})", "logprob_start_len")
 
     async def run(self) -> list[dict]:
+        with self.named():
+            return await self._run()
+
+    async def stream(self) -> AsyncIterator[tuple[int, dict]]:
+        """(sample index, cumulative sample) after each step that changed it."""
+        with self.named():
+            async for change in self._stream():
+                yield change
+
+    @contextmanager
+    def named(self):
+        try:
+            yield
+        except ApiError as e:
+            if self.where is None:
+                raise
+            raise ApiError(e.status, f"{self.where}: {e.message}", e.param or self.where) \
+                from None
+
+    async def _run(self) -> list[dict]:
         self.check_logprob_start()
         if self.scoring_only:
             out = self.empty_output()
@@ -69,8 +93,7 @@ class Job:
         await self.score_prompt(out)
         return [self.render(out, c) for c in out.outputs]
 
-    async def stream(self) -> AsyncIterator[tuple[int, dict]]:
-        """(sample index, cumulative sample) after each step that changed it."""
+    async def _stream(self) -> AsyncIterator[tuple[int, dict]]:
         self.check_logprob_start()
         if self.scoring_only:
             out = self.empty_output()
@@ -183,7 +206,7 @@ def finish_reason(c: CompletionOutput, length: int) -> dict | None:
 
 async def generate(server: Server, req: GenerateRequest, request: Request):
     prompts, batch = req.prompts()
-    jobs = [Job(server, req, i, p) for i, p in enumerate(prompts)]
+    jobs = [Job(server, req, i, p, batch) for i, p in enumerate(prompts)]
     if req.stream:
         return await stream_response(jobs, indexed=batch or any(j.sp.n > 1 for j in jobs))
     done = await unless_disconnected(request, gather(j.run() for j in jobs))
