@@ -19,11 +19,6 @@ def updating(engine: Engine) -> bool:
     return engine.weights.txn is not None
 
 
-def released(engine: Engine) -> list[str]:
-    """The memory tags released now ("weights", "kv_cache")."""
-    return engine._released()
-
-
 def weights_state(engine: Engine) -> str:
     """"updating" (an update is open), "incomplete" (discarded, or a broken update: an update
     fills them), "released" (backed up off the device) or "complete"."""

@@ -7,6 +7,7 @@ transformers' AttentionInterface. Autograd records the original ops, so backward
 results are correct, not batch invariant).
 """
 
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -93,6 +94,7 @@ class BatchInvariantMode(TorchDispatchMode):
             raise ValueError(f"split_size must be >= 1, got {split_size}")
         backend_module("cpu", backend)  # validates the name
         self.split_size, self.backend = split_size, backend
+        self.positions_checked = lambda: None  # weak reference to the last position_ids checked
 
     def __enter__(self):
         threads = self.expected.get("threads")
@@ -128,8 +130,13 @@ def hf_attention(module, query, key, value, attention_mask, scaling=None, dropou
     `_check_positions`). Returns [B, L, H, D] as the interface expects."""
     if dropout:
         raise ValueError(f"{__name__}.hf_attention does not do dropout (got dropout={dropout})")
-    _check_positions(kwargs.get("position_ids"))
-    split = _active[-1].split_size if _active else DEFAULT_SPLIT_SIZE
+    mode = _active[-1] if _active else None
+    positions = kwargs.get("position_ids")
+    if mode is None or mode.positions_checked() is not positions:  # every layer gets the same
+        _check_positions(positions)
+        if mode is not None and positions is not None:
+            mode.positions_checked = weakref.ref(positions)
+    split = mode.split_size if mode is not None else DEFAULT_SPLIT_SIZE
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     impl = _impl(query)
     outs = [impl.causal_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),

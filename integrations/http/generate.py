@@ -145,10 +145,11 @@ class Job:
         ids, start, scored = out.prompt_token_ids, self.req.logprob_start_len, []
         if len(ids) > 1:
             async with self.server.admit(self.rid) as (rid, aborted):
+                if aborted:
+                    self.scoring_aborted = True
+                    return
                 with engine_errors():
                     try:
-                        if aborted:
-                            raise ScoringAborted("aborted before scoring")
                         (scored,) = await self.server.engine.score_async(
                             [ids], max(start, 1), self.sp.temperature, request_ids=[rid])
                     except ScoringAborted:

@@ -139,10 +139,6 @@ class EngineActor:
     async def memory_stats(self) -> dict:
         return self.engine.memory_stats()
 
-    async def released(self) -> list[str]:
-        """The memory tags released now."""
-        return engine_state.released(self.engine)
-
     # ---------------------------------------------------------------- health and load
 
     async def health(self, timeout_s: float = 30.0) -> float | None:

@@ -531,7 +531,8 @@ class RolloutGroup:
         on it, a trainer's sent to it directly, has ended), and its memory as the donor's is."""
         state = await self._settled(donor) if donor else "checkpoint"
         if donor is not None:  # a direct update takes released weights back unseen by the group
-            self._released = set(await donor.actor.released.remote())
+            stats = await donor.actor.memory_stats.remote()
+            self._released = {tag for tag, nbytes in stats["released"].items() if nbytes}
         if state == "complete":
             await self._copy_weights(donor, slot)
         elif state == "incomplete":  # discarded (or a broken update): the next update fills them
