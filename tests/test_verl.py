@@ -226,3 +226,78 @@ def test_weight_sync_cycle_runs_twice(verl, replica, configs, path):
         stats = ray.get(server.memory_stats.remote())
         assert stats["weights"] == 0 and stats["kv_cache"] == 0  # asleep
     assert ray.get(server.weight_version.remote()) == 2
+
+
+async def yielded_by_an_async_generator(model):
+    """What verl's checkpoint engines other than "naive" (nccl, nixl, ...) hand the adapter."""
+    for name, tensor in model.state_dict().items():
+        await asyncio.sleep(0)
+        yield name, tensor
+
+
+def test_a_request_arriving_while_a_replica_is_out_waits_for_resume_generation(
+        verl, replica, configs, path):
+    """verl re-sends requests it aborted for a weight sync (and a load balancer may route one
+    to a replica just taken out): between abort_all_requests and resume_generation they wait,
+    memory released and weights updated meanwhile, then run on the new weights. The update
+    comes from an async generator, as verl's nccl checkpoint engine yields it."""
+    rollout, model_config = configs
+    adapter = verl.get_rollout_class("rollout_engine")(config=rollout, model_config=model_config,
+                                                       device_mesh=None, replica_rank=0)
+    asyncio.run(replica.wake_up())
+    asyncio.run(replica.abort_all_requests())
+    asyncio.run(replica.sleep())  # hybrid: weights dropped, KV cache given back
+    late = replica.server_handle.generate.remote(prompt_ids=PROMPT, request_id="late",
+                                                 sampling_params=dict(VERL_PARAMS))
+    ready, _ = ray.wait([late], timeout=1.0)
+    assert not ready, ray.get(late)  # waiting, not refused for the released memory
+    model = trained(path, 60)
+
+    async def activate():
+        await adapter.resume(tags=["weights"])
+        await adapter.update_weights(yielded_by_an_async_generator(model), global_steps=60)
+        await adapter.resume(tags=["kv_cache"])
+        await replica.resume_generation()
+    asyncio.run(activate())
+    out = ray.get(late)
+    assert out.stop_reason == "completed" and out.extra_fields["global_steps"] == 60
+    assert out.log_probs == local_engine_scores(path, out.token_ids, 1.0,
+                                                model.named_parameters())
+
+
+def test_abort_all_requests_with_reject_request_answers_new_requests_aborted(replica):
+    """verl's client sends a request answered aborted with no tokens to another replica (as
+    verl's vLLM server answers while it rejects); raising failed the trajectory."""
+    asyncio.run(replica.abort_all_requests(reject_request=True))
+    rejected = generate(replica, "rejected")
+    assert (rejected.token_ids, rejected.log_probs, rejected.stop_reason) == ([], None, "aborted")
+    assert rejected.extra_fields["global_steps"] == 60
+    asyncio.run(replica.resume_generation())
+    assert generate(replica, "admitted").stop_reason == "completed"
+
+
+def test_full_determinism_seeds_each_request_from_the_rollout_seed_and_its_id(verl, path):
+    """verl's rollout.full_determinism (its request ids are then stable, one per sample): a
+    run replays, and the samples of a group (other ids) still differ."""
+    from verl.workers.rollout.replica import RolloutMode
+
+    from integrations.verl.server import RolloutEngineServer, ServerSettings
+    config = verl.RolloutConfig(name="rollout_engine", tensor_model_parallel_size=1,
+                                prompt_length=32, response_length=8, full_determinism=True,
+                                seed=7)
+    replica = verl.get_rollout_replica_class("rollout_engine")(
+        replica_rank=0, config=config, model_config=verl.HFModelConfig(path=str(path)),
+        gpus_per_node=1)
+    replica.rollout_mode = RolloutMode.HYBRID  # set by init_hybrid
+    assert replica._settings().seed == 7
+
+    def sampled(seed: int | None, request_id: str) -> list[int]:
+        settings = ServerSettings("hybrid", 32, RESPONSE_LENGTH, ignore_eos=True, seed=seed)
+        server = RolloutEngineServer(str(path), settings, **ENGINE_OPTIONS)
+        return asyncio.run(server.generate(PROMPT, dict(VERL_PARAMS), request_id)).token_ids
+
+    with torch_threads(1):
+        assert sampled(42, "det-0") == sampled(42, "det-0")
+        assert sampled(42, "det-0") != sampled(42, "det-1")
+        assert sampled(42, "det-0") != sampled(43, "det-0")
+        assert sampled(None, "det-0") != sampled(None, "det-0")  # random seeds otherwise

@@ -9,11 +9,12 @@ bucket by bucket as it yields, never held whole.
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable
 
 import ray
 import torch
 from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.utils import ensure_async_iterator
 
 from integrations.verl.names import server_name
 from weight_sync import TensorMeta, WeightUpdateError, ZmqWeightSender, plan_buckets
@@ -44,12 +45,14 @@ class RolloutEngineAdapter(BaseRollout):
         if self.config.free_cache_engine:
             await self.server.sleep.remote()
 
-    async def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+    async def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
+                             | AsyncIterable[tuple[str, torch.Tensor]],
                              wire_format: str = "named_tensors", global_steps: int | None = None,
                              peft_config=None, base_sync_done: bool = True, **kwargs) -> None:
         """Load the trainer's weights into the engine in place; `global_steps` becomes the
         weight version every later output reports (None keeps the current one, as verl's
-        vLLM and SGLang servers do)."""
+        vLLM and SGLang servers do). `weights` is a generator, or an async one (what verl's
+        checkpoint engines other than "naive" yield)."""
         if wire_format != "named_tensors":
             raise NotImplementedError(f"rollout_engine takes full tensors "
                                       f"(wire_format='named_tensors'), not {wire_format!r}")
@@ -61,14 +64,16 @@ class RolloutEngineAdapter(BaseRollout):
         target = await self.server.weight_receiver.remote()
         same_node = target["node_id"] == ray.get_runtime_context().get_node_id()
         bucket_bytes = self.config.checkpoint_engine.update_weights_bucket_megabytes << 20
-        stream_weights(target["address"], [TensorMeta.from_wire(m) for m in target["manifest"]],
-                       set(target["aliases"]), weights, global_steps,
-                       mode="handle" if same_node else "bytes", bucket_bytes=bucket_bytes)
+        manifest = [TensorMeta.from_wire(m) for m in target["manifest"]]
+        await stream_weights(target["address"], manifest, set(target["aliases"]), weights,
+                             global_steps, mode="handle" if same_node else "bytes",
+                             bucket_bytes=bucket_bytes)
 
 
-def stream_weights(address: str, manifest: list[TensorMeta], aliases: set[str],
-                   weights: Iterable[tuple[str, torch.Tensor]], version: int | None,
-                   mode: str, bucket_bytes: int) -> int:
+async def stream_weights(address: str, manifest: list[TensorMeta], aliases: set[str],
+                         weights: Iterable[tuple[str, torch.Tensor]]
+                         | AsyncIterable[tuple[str, torch.Tensor]],
+                         version: int | None, mode: str, bucket_bytes: int) -> int:
     """Open an update for the whole `manifest`, then send the tensors in the order `weights`
     yields them, converted to the engine's dtypes and copied as they come (verl may hand out
     views of storage it changes once the generator ends), a bucket at a time. Names in
@@ -84,7 +89,7 @@ def stream_weights(address: str, manifest: list[TensorMeta], aliases: set[str],
         try:
             bucket: dict[str, torch.Tensor] = {}
             size = 0
-            for name, tensor in weights:
+            async for name, tensor in ensure_async_iterator(weights):
                 if name in aliases:
                     continue
                 if name not in dtypes:

@@ -70,7 +70,8 @@ class RolloutEngineReplica(RolloutReplica):
     def _settings(self) -> ServerSettings:
         c = self.config
         return ServerSettings(self.rollout_mode.value, c.prompt_length, c.response_length,
-                              c.free_cache_engine, c.ignore_eos)
+                              c.free_cache_engine, c.ignore_eos,
+                              seed=c.seed if c.full_determinism else None)
 
     def _engine_defaults(self) -> dict:
         c = self.config

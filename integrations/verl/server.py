@@ -2,6 +2,7 @@
 (`generate(prompt_ids, sampling_params, request_id) -> TokenOutput`) and its memory calls."""
 
 import asyncio
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class ServerSettings:
     response_length: int
     free_cache_engine: bool = True
     ignore_eos: bool = False
+    seed: int | None = None  # verl's full_determinism: each request's seed comes from this
 
     def __post_init__(self):
         if self.mode not in MEMORY_MODES:
@@ -40,6 +42,8 @@ class RolloutEngineServer:
         torch.set_num_threads(torch_threads)
         self.engine = Engine(model, **engine_options)
         self.settings = settings
+        self._admitting = asyncio.Event()  # cleared by abort_all_requests until resume_generation
+        self._admitting.set()
         self._reject_requests = False
         self._receiver_address: str | None = None
 
@@ -55,22 +59,23 @@ class RolloutEngineServer:
         if unsupported:
             raise ValueError(f"rollout_engine serves text-only models; unsupported generate "
                              f"arguments: {unsupported}")
-        if self._reject_requests:
-            raise RuntimeError("generation is stopped (abort_all_requests(reject_request=True)); "
-                               "resume_generation() lets requests in again")
         # ids as given (a tensor or an array as a list): the engine refuses non-integers
         prompt = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else list(prompt_ids)
-        params, want_logprobs = self._sampling_params(dict(sampling_params), len(prompt))
+        params, want_logprobs = self._sampling_params(dict(sampling_params), len(prompt),
+                                                      request_id)
+        while not self._admitting.is_set():  # between abort_all_requests and resume_generation
+            if self._reject_requests:  # verl's client sends an aborted request elsewhere
+                return _token_output([], None, "aborted", [self.engine.weight_version])
+            await self._admitting.wait()
+        # no await between the gate and the engine taking the request: an abort_all_requests
+        # that closes the gate finds it in the engine and aborts it
         out = (await self.engine.generate_async(prompt, params, request_id)).outputs[0]
-        versions = out.weight_versions or [self.engine.weight_version]
-        return TokenOutput(
-            token_ids=out.token_ids,
-            log_probs=out.logprobs if want_logprobs else None,
-            stop_reason="aborted" if out.finish_reason == "abort" else "completed",
-            extra_fields={"global_steps": versions[-1], "min_global_steps": versions[0],
-                          "max_global_steps": versions[-1]})  # versions in the order they came
+        return _token_output(out.token_ids, out.logprobs if want_logprobs else None,
+                             "aborted" if out.finish_reason == "abort" else "completed",
+                             out.weight_versions or [self.engine.weight_version])
 
-    def _sampling_params(self, params: dict, prompt_len: int) -> tuple[SamplingParams, bool]:
+    def _sampling_params(self, params: dict, prompt_len: int,
+                         request_id: str) -> tuple[SamplingParams, bool]:
         penalty = params.pop("repetition_penalty", 1.0)
         if penalty != 1.0:
             raise ValueError(f"repetition_penalty={penalty} is not supported by rollout_engine; "
@@ -87,17 +92,23 @@ class RolloutEngineServer:
                              f"max_model_len {self.engine.max_model_len}")
         max_tokens = min(limit, room)  # a limit under 1 is refused below, naming it
         params.setdefault("ignore_eos", self.settings.ignore_eos)
+        if self.settings.seed is not None:  # full_determinism: verl's request ids are stable
+            params.setdefault("seed", request_seed(self.settings.seed, request_id))
         return SamplingParams.from_dict({**params, "max_tokens": max_tokens}), want_logprobs
 
     async def abort_all_requests(self, reject_request: bool = False) -> None:
         """End running requests now (stop reason "aborted", partial tokens kept). New ones
-        wait for `resume_generation`, or fail at once with reject_request=True."""
+        wait for `resume_generation` (memory may be released and weights updated meanwhile),
+        or with reject_request=True are answered at once as aborted, with no tokens (verl's
+        client then sends them to another replica), as verl's vLLM server does."""
+        self._admitting.clear()
         self._reject_requests = reject_request
         await asyncio.to_thread(self.engine.pause_generation, "abort")
 
     async def resume_generation(self) -> None:
-        self._reject_requests = False
         await asyncio.to_thread(self.engine.continue_generation)
+        self._reject_requests = False
+        self._admitting.set()
 
     # ---------------------------------------------------------------- memory
 
@@ -167,3 +178,17 @@ class RolloutEngineServer:
 
     async def stop_profile(self) -> None:
         pass
+
+
+def _token_output(token_ids: list[int], log_probs: list[float] | None, stop_reason: str,
+                  versions: list[int]) -> TokenOutput:
+    return TokenOutput(token_ids=token_ids, log_probs=log_probs, stop_reason=stop_reason,
+                       extra_fields={"global_steps": versions[-1], "min_global_steps": versions[0],
+                                     "max_global_steps": versions[-1]})  # in the order they came
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """verl's full_determinism: a seed from the rollout seed and the request id (verl makes
+    the ids stable, one per sample), so a run replays and a group's samples still differ."""
+    digest = hashlib.sha256(f"{seed}:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
