@@ -767,16 +767,28 @@ def _scored(outputs: list[RequestOutput]) -> list[list[float]]:
 
 def _manifest(names: list[str], dtypes: list, shapes: list) -> list[TensorMeta]:
     """A broadcast's manifest from SGLang's three lists, each entry with a known size."""
+    for label, value in (("names", names), ("dtypes", dtypes), ("shapes", shapes)):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{label} must be a list, got {type(value).__name__} {value!r:.80}")
     if not len(names) == len(dtypes) == len(shapes):
         raise ValueError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes "
                          f"({len(shapes)}) differ in length")
-    manifest = [TensorMeta(n, d if isinstance(d, str) else dtype_name(d), tuple(s))
-                for n, d, s in zip(names, dtypes, shapes)]
-    for m in manifest:
-        dtype_from_name(m.dtype)  # an unknown dtype is refused here, by name
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m.shape):
-            raise ValueError(f"{m.name}: shape {list(m.shape)} is not a list of sizes")
-    return manifest
+    return [_meta(n, d, s) for n, d, s in zip(names, dtypes, shapes)]
+
+
+def _meta(name, dtype, shape) -> TensorMeta:
+    if not isinstance(name, str):
+        raise ValueError(f"tensor name {name!r} is not a string")
+    if isinstance(dtype, torch.dtype):
+        dtype = dtype_name(dtype)
+    if not isinstance(dtype, str):
+        raise ValueError(f"{name}: dtype {dtype!r} is not a dtype name")
+    if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
+            for x in shape):
+        raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
+    # "torch.float32" names float32: one spelling, so loads compare like with like
+    return TensorMeta(name, dtype_name(dtype_from_name(dtype)), tuple(int(x) for x in shape))
 
 
 class _Sink:

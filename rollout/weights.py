@@ -29,6 +29,7 @@ class _Transaction:
     version: Version
     metas: dict[str, TensorMeta]  # the manifest, checked: every tensor loaded must match it
     loaded: set[str] = field(default_factory=set)
+    written: dict[str, str] = field(default_factory=dict)  # tensor -> the name that wrote it
 
 
 @dataclass
@@ -123,12 +124,20 @@ class WeightStore:
             meta = txn.metas.get(name)
             if meta is None:
                 raise ValueError(f"{name!r} is not in this update's manifest")
-            got = TensorMeta.of(name, tensor)
-            if (got.dtype, got.shape) != (meta.dtype, tuple(meta.shape)):
-                raise ValueError(f"{name}: {got.dtype} {list(got.shape)} arrived, the manifest "
-                                 f"said {meta.dtype} {list(meta.shape)}")
-            self.targets[name].view().copy_(tensor, non_blocking=True)
+            if (tensor.dtype, tuple(tensor.shape)) != (dtype_from_name(meta.dtype), meta.shape):
+                raise ValueError(f"{name}: {tensor.dtype} {list(tensor.shape)} arrived, the "
+                                 f"manifest said {meta.dtype} {list(meta.shape)}")
+            self._write(txn, name, tensor)
             txn.loaded.add(name)
+
+    def _write(self, txn: _Transaction, name: str, tensor: torch.Tensor) -> None:
+        view, tensor_name = self.targets[name].view(), self._tensor(name)
+        first = txn.written.setdefault(tensor_name, name)
+        if first == name:
+            view.copy_(tensor, non_blocking=True)
+        elif not torch.equal(view, tensor.to(view.device, view.dtype)):  # one tensor, two names
+            raise ValueError(f"{name} and {first} are one tensor in this model (tied "
+                             f"embeddings), and the update gives them different values")
 
     def commit(self) -> Version:
         txn = self.txn

@@ -527,3 +527,90 @@ def test_string_weight_versions(engine, qwen3_path):
         "step-15b"
     assert engine.update_weights(named, version=16) == 16
     assert engine.update_weights(named) == 17
+
+
+def test_a_second_zmq_senders_begin_ends_the_first_ones_update_and_refuses_its_buckets(
+        engine, qwen3_path):
+    """Two senders on one receiver (a restarted trainer, or two by mistake): the second's begin
+    aborts the first's open update, and the first's later buckets and commit are refused;
+    they were taken into the second's update, which committed a mix under its version."""
+    first = {n: t.detach() for n, t in trained(qwen3_path, 21).named_parameters()}
+    second = {n: t.detach() for n, t in trained(qwen3_path, 22).named_parameters()}
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0")
+    with (weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as a,
+          weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as b):
+        plan_a = a.begin(first, version=10)
+        a.send_bucket(first, plan_a[0])
+        a._reply()  # the first bucket landed
+        plan_b = b.begin(second, version=20)
+        for metas in plan_b:
+            b.send_bucket(second, metas)
+        with pytest.raises(weight_sync.WeightUpdateError, match="another sender's"):
+            a.send_bucket(first, plan_a[1])
+            a._reply()
+        assert b.commit() == 20
+        with pytest.raises(weight_sync.WeightUpdateError, match="another sender's|outside"):
+            a.commit()
+    assert engine.weights_checksum() == weight_sync.checksum(second.items())
+
+
+def test_the_zmq_silence_timeout_counts_from_the_receivers_answer(engine, qwen3_path):
+    """A begin that waits behind a long engine step is not the sender's silence: the update
+    stays open for timeout_s after the answer (it was counted from the message's arrival)."""
+    named = {n: t.detach() for n, t in trained(qwen3_path, 23).named_parameters()}
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0", timeout_s=1.0)
+    with weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as sender:
+        with engine._cond:  # held as a step holds it, for longer than the timeout
+            begun = threading.Thread(target=lambda: box.append(sender.begin(named, 30)))
+            box: list = []
+            begun.start()
+            time.sleep(1.5)
+        begun.join(timeout=30)
+        time.sleep(0.3)
+        for metas in box[0]:
+            sender.send_bucket(named, metas)
+        assert sender.commit() == 30
+
+
+def test_gloo_manifest_entries_of_the_wrong_type_close_the_group_and_name_the_entry(
+        engine, qwen3_path):
+    """A shape that is not a list raised TypeError past the handler that closes the group; the
+    next update then took this one's broadcast and committed the wrong weights."""
+    first = list(trained(qwen3_path, 24).named_parameters())
+    names, shapes = [n for n, _ in first], [list(t.shape) for _, t in first]
+    port, box = free_port(), {}
+    trainer = _trainer_in_thread(port, first, box)
+    engine.init_weights_update_group("127.0.0.1", port, 1, 2, "sync")
+    with pytest.raises(ValueError, match=f"{names[0]}: shape 7 is not a list.*'sync' is closed"):
+        engine.update_weights_from_distributed(names, ["float32"] * len(names),
+                                               [7] + shapes[1:], "sync")
+    trainer.join(timeout=120)
+    assert not trainer.is_alive() and "error" in box
+    second = list(trained(qwen3_path, 25).named_parameters())
+    port, box = free_port(), {}
+    trainer = _trainer_in_thread(port, second, box)
+    engine.init_weights_update_group("127.0.0.1", port, 1, 2, "sync")
+    engine.update_weights_from_distributed(names, ["torch.float32"] * len(names), shapes,
+                                           "sync", bucket_bytes=1 << 16)  # torch's spelling
+    trainer.join(timeout=20)
+    assert box == {"sent": True}
+    assert engine.weights_checksum() == weight_sync.checksum(second)
+
+
+def test_tied_names_with_different_values_are_refused(checkpoints):
+    """lm_head.weight and the embedding are one tensor of a tied model: both given with
+    different values (an untied trainer's, or checkpoint's) was taken silently, the last
+    one winning; equal values (a tied trainer's state_dict) load."""
+    path = checkpoints("llama-tied")
+    engine = Engine(str(path), num_kv_blocks=64)
+    model = trained(path, 26)
+    state = dict(model.state_dict())
+    assert "lm_head.weight" in state
+    assert engine.update_weights(state.items(), version=1) == 1
+    untied = {**state, "lm_head.weight": state["lm_head.weight"] + 1}
+    with pytest.raises(ValueError, match="one tensor in this model .*different values"):
+        engine.update_weights(untied.items(), version=2)
+    with pytest.raises(IncompleteWeightsError):
+        generated(engine)
+    assert engine.update_weights(state.items(), version=3) == 3
+    assert engine.weights_checksum() == weight_sync.checksum(model.named_parameters())

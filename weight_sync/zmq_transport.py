@@ -130,6 +130,8 @@ class ZmqWeightSender:
         slot = self._slots[index]
         if slot is None or slot.buffer.numel() < size or slot.buffer.device != device:
             if slot is not None:
+                if self._in_flight and slot is self._busy:
+                    self._reply()  # the engine may not have mapped this segment yet
                 slot.close()
             slot = self._slots[index] = _Slot(size, device, shared)
         return slot
@@ -259,6 +261,7 @@ class ZmqWeightReceiver:
         self.endpoint = endpoint
         self.address = f"{endpoint}{TOKEN_MARK}{self._token}"  # what a sender needs
         self._open = False
+        self._sender = b""  # the routing id of the sender whose update is open
         self._last = 0.0
         self._shm: dict[str, shared_memory.SharedMemory] = {}
         self._stop = threading.Event()
@@ -276,15 +279,16 @@ class ZmqWeightReceiver:
                     continue
                 ident, *parts = self._sock.recv_multipart(copy=False)
                 try:
-                    reply = self._handle_message(parts)
+                    reply = self._handle_message(ident.bytes, parts)
                 except Exception as e:  # answer every request; the engine keeps serving
                     reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                self._last = time.monotonic()  # the sender's silence starts with the answer
                 self._sock.send_multipart([ident, b"", msgpack.packb(reply)])
         finally:
             if self._open:  # never leave the engine waiting on an update nobody can finish
                 self._abort("the weight receiver stopped")
 
-    def _handle_message(self, parts: list) -> dict:
+    def _handle_message(self, sender: bytes, parts: list) -> dict:
         if len(parts) < 2 or parts[0].bytes:
             raise ValueError(f"a message is an empty delimiter frame, a msgpack header and "
                              f"data frames; got {len(parts)} frame(s) after the identity")
@@ -294,29 +298,34 @@ class ZmqWeightReceiver:
             raise ValueError(f"the header is not msgpack ({type(e).__name__}: {e})") from None
         if not isinstance(header, dict):
             raise ValueError(f"the header must be a msgpack map, got {type(header).__name__}")
-        return self._handle(header, parts[2:])
+        return self._handle(sender, header, parts[2:])
 
-    def _handle(self, header: dict, frames: list) -> dict:
+    def _handle(self, sender: bytes, header: dict, frames: list) -> dict:
         token = header.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
             raise PermissionError("refused: the message does not carry this receiver's token "
                                   "(send to the whole address the receiver reported, with its "
                                   f"{TOKEN_MARK}... part)")
         op = header.get("op")
-        self._last = time.monotonic()
         if op == "begin":
-            if self._open:
+            if self._open:  # a restarted trainer's, or a second sender's: the open one ends
                 self._abort("a new update began before the previous one committed")
             self.sink.begin(header.get("version"),
                             [TensorMeta.from_wire(m) for m in header["manifest"]])
-            self._open = True
+            self._open, self._sender = True, sender
             return {"ok": True}
         if not self._open:
             raise RuntimeError(f"{op!r} outside an update: send 'begin' first")
+        if sender != self._sender:  # its update was ended by another sender's begin
+            raise RuntimeError(f"{op!r} refused: the open update is another sender's (this "
+                               f"sender's update was aborted when that one began)")
         if op == "bucket":
             metas = [TensorMeta.from_wire(m) for m in header["tensors"]]
             try:
-                self.sink.load(unpack(self._bucket(header, frames), metas))
+                bucket = self._bucket(header, frames)
+                self.sink.load(unpack(bucket, metas))
+                if bucket.is_cuda:  # the sender refills a CUDA IPC buffer once answered
+                    torch.cuda.current_stream(bucket.device).synchronize()
             except Exception:
                 self._abort("a bucket failed to load")
                 raise
