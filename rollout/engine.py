@@ -352,8 +352,8 @@ class Engine:
     def _output(self, req: _Request) -> RequestOutput:
         outs = []
         for seq in req.seqs:
-            text = seq.text
-            if self.tokenizer is not None and not (seq.params.stop and seq.finish_reason):
+            text = seq.text  # cut at the stop string that ended it
+            if self.tokenizer is not None and not isinstance(seq.stop_reason, str):
                 text = self.tokenizer.decode(seq.output_token_ids)
             outs.append(CompletionOutput(
                 index=seq.index, token_ids=seq.output_token_ids,

@@ -82,9 +82,10 @@ class Sampler:
         rand = [i for i, s in enumerate(specs) if s.temperature > 0]
         if rand:
             probs = e if len(rand) == len(specs) else e[rand]  # e is not read after this
-            for j, i in enumerate(rand):
-                if specs[i].suppress:
-                    probs[j, list(specs[i].suppress)] = 0.0
+            held = [j for j, i in enumerate(rand) if specs[i].suppress]
+            if held:  # min_tokens: EOS and stop ids out, the rest renormalized (as vLLM's -inf)
+                probs[held] = self._without(scaled[[rand[j] for j in held]],
+                                            [specs[rand[j]].suppress for j in held])
             tokens[rand] = _draw(_truncate(probs, [specs[i] for i in rand]),
                                  [specs[i] for i in rand])
         # log_softmax(x)[t] = z[t] - log(sum(exp(z))): bitwise the trainer's log_softmax element
@@ -95,6 +96,14 @@ class Sampler:
         return {s.seq_id: Sample(token_list[i], chosen_list[i], tops.get(i))
                 for i, s in enumerate(specs)}
 
+    def _without(self, scaled: torch.Tensor, suppressed: list[tuple[int, ...]]) -> torch.Tensor:
+        """exp(x - max) of each row with its `suppressed` tokens at -inf: the max is over the
+        tokens allowed, so where a suppressed one led by far the rest do not underflow to 0
+        (the draw found no mass and took token 0). Rows whose max is allowed get the bits e
+        had."""
+        for j, tokens in enumerate(suppressed):
+            scaled[j, list(tokens)] = float("-inf")
+        return self.softmax_parts(scaled)[1]
 
     def score(self, logits: torch.Tensor, targets: list[int], temperature: float) -> list[float]:
         """log_softmax(logits / temperature)[target] per row, the same bits sampling reports."""
@@ -164,7 +173,12 @@ def _last_nonzero(x: torch.Tensor) -> torch.Tensor:
 
 
 def _truncate(probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
-    """Zero the tokens outside top-k, then top-p (of the renormalized rest), then min-p."""
+    """Zero the tokens under min-p, then outside top-k, then outside top-p (of the renormalized
+    rest): vLLM's order."""
+    min_p = torch.tensor([s.min_p for s in specs], device=probs.device, dtype=probs.dtype)
+    if bool((min_p > 0).any()):
+        threshold = probs.amax(-1, keepdim=True) * min_p.unsqueeze(1)
+        probs = probs.masked_fill(probs < threshold, 0.0)
     # past the vocabulary top-k keeps every token (and 2**63 would not fit the tensor)
     k = torch.tensor([min(s.top_k, probs.shape[1]) for s in specs], device=probs.device)
     if bool((k > 0).any()):
@@ -184,8 +198,4 @@ def _truncate(probs: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
         # smallest number is 0 here, and would drop every token)
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
-    min_p = torch.tensor([s.min_p for s in specs], device=probs.device, dtype=probs.dtype)
-    if bool((min_p > 0).any()):
-        threshold = probs.amax(-1, keepdim=True) * min_p.unsqueeze(1)
-        probs = probs.masked_fill(probs < threshold, 0.0)
     return probs

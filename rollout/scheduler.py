@@ -204,21 +204,51 @@ class Scheduler:
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             seq.stop_reason = token
             return "stop"
-        if params.stop and seq.num_output_tokens > params.min_tokens:
+        if params.stop and self._stop_string(seq):
+            return "stop"
+        return "length" if self._last(seq) else None
+
+    def _stop_string(self, seq: Sequence) -> bool:
+        """Whether a stop string ends in the text the last token added (the text is cut there).
+        As vLLM's: one counts once it ends past the text of the first min_tokens tokens."""
+        params, searched = seq.params, len(seq.text)
+        self._extend_text(seq)
+        if seq.num_output_tokens <= params.min_tokens:
+            return False
+        if not seq.stops_searched:  # the first search: all the text past min_tokens' text
+            seq.stops_searched = True
+            searched = (len(self.detokenize(seq.output_token_ids[:params.min_tokens]))
+                        if params.min_tokens else 0)
+        for stop in params.stop:
+            cut = seq.text.find(stop, max(0, searched - len(stop) + 1))
+            if cut != -1:
+                seq.text, seq.stop_reason = seq.text[:cut], stop
+                return True
+        return False
+
+    def _extend_text(self, seq: Sequence) -> None:
+        """seq.text = the text of its output tokens, decoding the new ones with a few before
+        them (vLLM's offsets) so a step's cost does not grow with the output. Text that ends in
+        a character still incomplete waits (for a few tokens, and not at the last one); where
+        bytes are malformed (U+FFFD) the whole output is decoded, as the final text is."""
+        prefix, read = seq.text_offsets
+        start, count = seq.num_prompt_tokens, seq.num_output_tokens
+        before = self.detokenize(seq.token_ids[start + prefix:start + read])
+        after = self.detokenize(seq.token_ids[start + prefix:])
+        if len(after) <= len(before) and not after.endswith("\ufffd"):
+            return  # tokens of no text (special ones, skipped)
+        if "\ufffd" in after:
+            if after.endswith("\ufffd") and count - read < 4 and not self._last(seq):
+                return
             seq.text = self.detokenize(seq.output_token_ids)
-            # as vLLM: a stop string counts once it ends past the first min_tokens tokens
-            early = (len(self.detokenize(seq.output_token_ids[:params.min_tokens]))
-                     if params.min_tokens else 0)
-            for stop in params.stop:
-                cut = seq.text.find(stop, max(0, early - len(stop) + 1))
-                if cut != -1:
-                    seq.text, seq.stop_reason = seq.text[:cut], stop
-                    return "stop"
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            return "length"
-        if seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        else:
+            seq.text += after[len(before):]
+        seq.text_offsets = (read, count)
+
+    def _last(self, seq: Sequence) -> bool:
+        max_tokens = seq.params.max_tokens
+        return ((max_tokens is not None and seq.num_output_tokens >= max_tokens)
+                or seq.num_tokens >= self.max_model_len)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End `seq` now (stop, length or abort) and give back its blocks."""

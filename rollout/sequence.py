@@ -35,7 +35,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.weight_versions: list[int | str] = []  # in order; more than one means mixed weights
+        # stop strings only: the output's text so far, decoded a few tokens at a time (token
+        # offsets as vLLM's incremental detokenizer keeps them), and where the search starts
         self.text = ""
+        self.text_offsets = (0, 0)
+        self.stops_searched = False
         # siblings (other samples of the same prompt) that fork from this one after its prefill
         self.forks: list["Sequence"] = []
         # scoring only: price tokens from this position on, teacher-forced, and sample nothing

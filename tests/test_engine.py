@@ -226,6 +226,73 @@ def test_stop_strings_wait_for_min_tokens(engine):
     assert out.text == (free.text[:at] if at != -1 else free.text)
 
 
+def test_text_with_stop_strings_is_the_text_of_the_returned_tokens(engine):
+    """A request with stop strings that ends otherwise (length, a stop id) returns its tokens'
+    text: it returned '' where min_tokens = max_tokens (no search ran) and lagged a token
+    behind after a stop id."""
+    prompt = prompts_of([25], seed=8)[0]
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6),
+                           use_tqdm=False)[0].outputs[0]
+    never = "\x00never"
+    held = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, min_tokens=6,
+                                                    stop=[never]), use_tqdm=False)[0].outputs[0]
+    assert held.token_ids == free.token_ids and held.text == free.text != ""
+    stop_id = free.token_ids[3]
+    by_id = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, stop=[never],
+                                                     stop_token_ids=[stop_id]),
+                            use_tqdm=False)[0].outputs[0]
+    cut = free.token_ids.index(stop_id) + 1
+    assert by_id.stop_reason == stop_id and by_id.token_ids == free.token_ids[:cut]
+    assert by_id.text == engine.tokenizer.decode(free.token_ids[:cut])
+
+
+def test_stop_strings_search_only_the_new_text(engine, monkeypatch):
+    """Each step decodes a few tokens, not the whole response again (that made one stop string
+    that never matches cost 3.4x the generation at 1000 tokens), and the text stays the
+    text of all the tokens."""
+    from rollout.sequence import Sequence
+    response = engine.tokenizer.encode("a stop string that never matches, €, é; " * 20)
+    seq = Sequence(0, "r", 0, [1, 2, 3], SamplingParams(stop=["\x00never"],
+                                                        max_tokens=len(response)), 0, 16)
+    decoded = []
+    detokenize = engine.scheduler.detokenize
+    monkeypatch.setattr(engine.scheduler, "detokenize",
+                        lambda ids: decoded.append(len(ids)) or detokenize(ids))
+    for n, token in enumerate(response, 1):
+        seq.token_ids.append(token)
+        assert engine.scheduler._stop_reason(seq) == (None if n < len(response) else "length")
+        assert engine.tokenizer.decode(response[:n]).startswith(seq.text)
+    assert seq.text == engine.tokenizer.decode(response) and len(response) > 800
+    assert max(decoded) < 8, max(decoded)
+
+
+def test_min_tokens_draws_from_the_other_tokens_when_a_stop_id_leads_by_far(engine):
+    """While min_tokens holds a stop id back, the draw renormalizes over the other tokens. It
+    zeroed the stop id's probability after the softmax: where the stop id led by far the rest
+    had underflowed to 0 and the draw took token 0."""
+    prompt = prompts_of([20], seed=6)[0]
+    first = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1),
+                            use_tqdm=False)[0].outputs[0].token_ids[0]
+    held = dict(max_tokens=4, min_tokens=4, stop_token_ids=[first], ignore_eos=True)
+    greedy = engine.generate([prompt], SamplingParams(temperature=0, **held),
+                             use_tqdm=False)[0].outputs[0]
+    cold = engine.generate([prompt], SamplingParams(temperature=1e-6, seed=1, **held),
+                           use_tqdm=False)[0].outputs[0]
+    assert greedy.token_ids[0] != first and cold.token_ids == greedy.token_ids
+
+
+def test_min_p_comes_before_top_p_as_in_vllm(engine):
+    """Probabilities [0.4, 0.3, 0.2, 0.1]: min_p 0.6 keeps the first two ([0.57, 0.43]), then
+    top_p 0.5 keeps the first only. Top-p first kept two."""
+    from rollout.sampler import SampleSpec
+    logits = torch.full((1, 512), -1e4)
+    logits[0, :4] = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    specs = [SampleSpec(row=0, seq_id=i, temperature=1.0, top_k=0, top_p=0.5, min_p=0.6,
+                        seed=i, position=0) for i in range(200)]
+    drawn = {s.token_id for s in engine.runner.sampler(logits, specs).values()}
+    assert drawn == {0}
+
+
 def eos_checkpoint(src, dst, eos: int):
     shutil.copytree(src, dst)
     for name in ("config.json", "generation_config.json"):
