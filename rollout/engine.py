@@ -95,7 +95,8 @@ class Engine:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
                              f"max_position_embeddings ({limit})")
-        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.tokenizer_path = str(tokenizer or model)
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.runner = ModelRunner(self.config, self.model_config, self.max_model_len)
         report = self.determinism_report()
         if self.config.deterministic and not report.guaranteed:
@@ -268,15 +269,18 @@ class Engine:
         """`params` with max_tokens set where it was None, once the prompt and its response fit
         the context and the KV cache."""
         room = self.max_model_len - len(token_ids)
-        if params.max_tokens is None:
-            if room < 1:
-                raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room in "
-                                 f"max_model_len {self.max_model_len}")
-            if params.min_tokens > room:
+        if params.max_tokens is None:  # as many as the context and the KV cache hold
+            limit = min(self.max_model_len,
+                        self.block_manager.num_blocks * self.config.block_size)
+            what = ("the model's context" if limit == self.max_model_len
+                    else "the KV cache (raise kv_cache_memory)")
+            if len(token_ids) >= limit:
+                raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room in {what} "
+                                 f"of {limit} tokens")
+            if params.min_tokens > limit - len(token_ids):
                 raise ValueError(f"prompt ({len(token_ids)} tokens) + min_tokens "
-                                 f"({params.min_tokens}) exceeds the model's context of "
-                                 f"{self.max_model_len} tokens")
-            params = SamplingParams(**{**params.__dict__, "max_tokens": room})
+                                 f"({params.min_tokens}) exceeds {what} of {limit} tokens")
+            params = SamplingParams(**{**params.__dict__, "max_tokens": limit - len(token_ids)})
         elif params.max_tokens > room:
             raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens})"
                              f" exceeds the model's context of {self.max_model_len} tokens")

@@ -422,6 +422,21 @@ def test_strings_in_text_out(engine):
 
 # ------------------------------------------------------------------ bad input
 
+def test_max_tokens_left_out_fills_what_the_kv_cache_holds_when_it_is_under_the_context(
+        qwen3_path):
+    """A KV cache smaller than the context (the default preset's on the CPU in bfloat16): a
+    request that leaves max_tokens out runs up to what the cache holds (it was refused,
+    'lower max_tokens', a parameter it never sent)."""
+    small = Engine(str(qwen3_path), block_size=16, num_kv_blocks=30)  # 480 of 1024 tokens
+    out = small.generate([[1] * 100], SamplingParams(temperature=0, max_tokens=None,
+                                                     ignore_eos=True), use_tqdm=False)
+    out = out[0].outputs[0]
+    assert len(out.token_ids) == 380 and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="prompt of 480 tokens leaves no room in the KV cache "
+                                         "\\(raise kv_cache_memory\\) of 480 tokens"):
+        small.generate([[1] * 480], SamplingParams(max_tokens=None), use_tqdm=False)
+
+
 @pytest.mark.parametrize("prompt, params, message", [
     ([600], SamplingParams(), "token id 600 at position 0 is out of range"),
     ([1, -3], SamplingParams(), "token id -3 at position 1"),

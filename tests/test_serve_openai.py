@@ -85,6 +85,22 @@ def test_a_stream_never_sends_text_a_stop_string_then_cuts(client):
         assert "".join(c.choices[0].text for c in chunks) == whole.text == free[:1]
 
 
+def test_the_first_chat_requests_arriving_together_are_all_answered(server):
+    """The first chat loads the chat template's tokenizer (importing transformers): requests
+    that came together raced on the import and 15 of 16 got HTTP 500. Runs before this module's
+    other chat requests."""
+    import asyncio
+
+    async def together() -> list[int]:
+        body = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2}
+        async with server.async_client() as http:
+            replies = await asyncio.gather(*(http.post("/v1/chat/completions", json=body)
+                                             for _ in range(16)))
+        return [r.status_code for r in replies]
+    assert asyncio.run(together()) == [200] * 16
+
+
 def test_chat_completions_with_logprobs_match_generate(client, server):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -141,3 +157,59 @@ def test_every_call_needs_the_api_key(server):
             reply = http.get(path)
             assert reply.status_code == 401 and "Authorization: Bearer" in reply.text
         assert http.get("/health", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_chat_takes_messages_as_openai_clients_send_them_back(client):
+    """An answer's message sent back as the next turn (model_dump(): refusal, tool_calls, audio,
+    annotations, function_call null) and a tool message with its tool_call_id; both were
+    refused ('Extra inputs are not permitted')."""
+    base = dict(model="tiny-qwen3", max_tokens=3, seed=1)
+    turn = [{"role": "user", "content": "Hi!"}]
+    answer = client.chat.completions.create(messages=turn, **base).choices[0].message
+    sent_back = answer.model_dump()
+    assert {"refusal", "tool_calls", "audio"} <= set(sent_back)
+    again = client.chat.completions.create(
+        messages=turn + [sent_back, {"role": "user", "content": "And?"}], **base)
+    assert again.choices[0].finish_reason in ("length", "stop")
+    tool = client.chat.completions.create(messages=turn + [
+        {"role": "assistant", "content": None, "tool_calls": None},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"}], **base)
+    assert tool.choices[0].message.role == "assistant"
+
+
+def test_a_refused_prompt_of_a_list_is_named_and_stream_options_need_a_stream(client):
+    base = dict(model="tiny-qwen3", max_tokens=2)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="prompt\\[1\\]: prompt token id 9999"):
+            client.completions.create(prompt=[[1, 2], [9999]], stream=stream, **base)
+    assert client.completions.create(prompt="a", echo=None, **base).choices[0].text is not None
+    with pytest.raises(openai.BadRequestError, match="stream_options needs stream: true"):
+        client.completions.create(prompt="a", stream_options={"include_usage": True}, **base)
+    chunks = list(client.completions.create(prompt="a", stream=True, **base,
+                                            stream_options={"include_usage": None}))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer(tmp_path_factory):
+    from rollout.presets import make_checkpoint
+    from tests.conftest import SMALL
+    path = make_checkpoint(tmp_path_factory.mktemp("no-tokenizer"), tokenizer=None, head_dim=32,
+                           **SMALL)
+    with rollout_serve(path, "--served-model-name", "bare") as served:
+        with openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0) as c:
+            yield c
+
+
+def test_without_a_tokenizer_chat_says_so_and_logprobs_name_token_ids(no_tokenizer):
+    """Chat answered 'prompt is empty' (transformers loads an empty tokenizer from a directory
+    with none); completion log-probs named every token '' and merged the alternatives into
+    one entry. Tokens are now 'token_id:N', as vLLM's return_tokens_as_token_ids."""
+    with pytest.raises(openai.BadRequestError, match="chat needs the checkpoint's tokenizer"):
+        no_tokenizer.chat.completions.create(model="bare", max_tokens=2,
+                                             messages=[{"role": "user", "content": "Hi"}])
+    got = no_tokenizer.completions.create(model="bare", prompt=[1, 2, 3], max_tokens=3,
+                                          logprobs=2, seed=0).choices[0].logprobs
+    assert all(t.startswith("token_id:") for t in got.tokens)
+    for token, logprob, top in zip(got.tokens, got.token_logprobs, got.top_logprobs):
+        assert top[token] == logprob and len(top) in (2, 3)

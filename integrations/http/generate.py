@@ -9,13 +9,12 @@ import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import contextmanager
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from integrations.http.protocol import GenerateRequest, Prompt, SglSamplingParams
-from integrations.http.server import ApiError, Server, engine_errors
+from integrations.http.server import ApiError, Server, engine_errors, item_errors
 from integrations.http.streams import gather, merge, primed, sse, unless_disconnected
 from rollout import RequestOutput, SamplingParams
 from rollout.engine import ScoringAborted
@@ -73,15 +72,8 @@ class Job:
             async for change in self._stream():
                 yield change
 
-    @contextmanager
     def named(self):
-        try:
-            yield
-        except ApiError as e:
-            if self.where is None:
-                raise
-            raise ApiError(e.status, f"{self.where}: {e.message}", e.param or self.where) \
-                from None
+        return item_errors(self.where)
 
     async def _run(self) -> list[dict]:
         self.check_logprob_start()

@@ -232,7 +232,7 @@ async def health_generate(server: ServerDep):
 @router.get("/get_model_info", tags=["info"])
 async def model_info(server: ServerDep):
     engine = server.engine
-    return {"model_path": engine.config.model, "tokenizer_path": engine.config.model,
+    return {"model_path": engine.config.model, "tokenizer_path": engine.tokenizer_path,
             "is_generation": True, "preferred_sampling_params": None,
             "weight_version": str(engine.weight_version),
             "model_type": engine.model_config.architecture,
@@ -245,7 +245,7 @@ async def model_info(server: ServerDep):
 async def server_info(server: ServerDep):
     engine, config = server.engine, server.engine.config
     return {
-        "model_path": config.model, "tokenizer_path": config.model,
+        "model_path": config.model, "tokenizer_path": engine.tokenizer_path,
         "served_model_name": server.model_name,
         "tp_size": 1, "dp_size": 1, "pp_size": 1, "ep_size": 1, "disaggregation_mode": "null",
         "encoder_only": False,

@@ -1,9 +1,10 @@
 """OpenAI-compatible endpoints, so any OpenAI client can roll out: `/v1/models`,
 `/v1/completions` and `/v1/chat/completions` (streaming or not, with log-probs)."""
 
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import lru_cache
 
 from fastapi import APIRouter, Request
@@ -12,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from integrations.http.native_api import ServerDep
 from integrations.http.openai_protocol import ChatMessage, ChatRequest, CompletionRequest
-from integrations.http.server import ApiError, Server
+from integrations.http.server import ApiError, Server, item_errors
 from integrations.http.streams import gather, merge, primed, sse, unless_disconnected
 from rollout import RequestOutput, SamplingParams
 from rollout.outputs import CompletionOutput
@@ -40,8 +41,9 @@ async def completions(req: CompletionRequest, server: ServerDep, request: Reques
         return await answer.stream(prompts, params, req.include_usage,
                                    lambda c, new, t: answer.completion_choice(c, new, t,
                                                                               req.logprobs))
-    outs = await unless_disconnected(request, gather(server.generate(p, params, None)
-                                                     for p in prompts))
+    outs = await unless_disconnected(request, gather(
+        _named(_where(k, prompts), server.generate(p, params, None))
+        for k, p in enumerate(prompts)))
     if isinstance(outs, Response):
         return outs
     choices = [answer.completion_choice(c, c.text or "", slice(None), req.logprobs)
@@ -69,6 +71,22 @@ async def chat_completions(req: ChatRequest, server: ServerDep, request: Request
     return answer.body(choices, usage([out]))
 
 
+def _where(k: int, prompts: list) -> str | None:
+    """How a refusal names prompt k of a list ("prompt[1]: ...")."""
+    return f"prompt[{k}]" if len(prompts) > 1 else None
+
+
+async def _named(where: str | None, answer: Awaitable):
+    with item_errors(where):
+        return await answer
+
+
+async def _named_stream(where: str | None, stream: AsyncIterator):
+    with item_errors(where):
+        async for item in stream:
+            yield item
+
+
 def _check_model(server: Server, model: str) -> None:
     if model != server.model_name:
         raise ApiError(404, f"model {model!r} is not served here; this server serves "
@@ -78,15 +96,29 @@ def _check_model(server: Server, model: str) -> None:
 def chat_prompt(server: Server, messages: list[ChatMessage]) -> list[int]:
     """Token ids of the conversation through the tokenizer's chat template (ChatML when it
     has none), ending with the assistant's turn."""
-    tok = _hf_tokenizer(server.engine.config.model)
+    tok = chat_tokenizer(server)
     try:
-        ids = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+        ids = tok.apply_chat_template([m.for_template() for m in messages],
                                       chat_template=tok.chat_template or CHATML,
                                       add_generation_prompt=True, tokenize=True)
     except Exception as e:  # templates raise on conversations they do not accept
         raise ApiError(400, f"the chat template refused these messages: {e}", "messages") \
             from None
     return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
+def chat_tokenizer(server: Server):
+    """transformers' tokenizer of the engine's, for its chat template: loaded by the first chat
+    request, once (requests arriving together raced on importing transformers: HTTP 500)."""
+    path = server.engine.tokenizer_path
+    if server.engine.tokenizer is None:
+        raise ApiError(400, f"chat needs the checkpoint's tokenizer, and {path!r} has none; "
+                            "use /v1/completions with token ids", "messages")
+    with _loading:
+        return _hf_tokenizer(path)
+
+
+_loading = threading.Lock()
 
 
 @lru_cache(maxsize=4)
@@ -126,6 +158,10 @@ class Answer:
         return body
 
     def token(self, token_id: int) -> str:
+        """A token's text; "token_id:N" without a tokenizer (vLLM's return_tokens_as_token_ids:
+        every token decoded to "" and top_logprobs collapsed into one entry)."""
+        if self.server.engine.tokenizer is None:
+            return f"token_id:{token_id}"
         return self.server.decode([token_id], skip_special_tokens=False)
 
     def completion_choice(self, c: CompletionOutput, text: str, tokens: slice,
@@ -170,7 +206,9 @@ class Answer:
                      choice: Callable[[CompletionOutput, str, slice], dict]
                      ) -> StreamingResponse:
         """A chunk for each sample after every step that added to it, then usage, [DONE]."""
-        streams = await primed([self.server.stream(p, params, None) for p in prompts])
+        streams = await primed([_named_stream(_where(k, prompts),
+                                              self.server.stream(p, params, None))
+                                for k, p in enumerate(prompts)])
         sent = {}
         finals: dict[int, RequestOutput] = {}
 

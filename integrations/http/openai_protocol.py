@@ -5,7 +5,7 @@ fields vLLM and SGLang add (top_k, min_p, min_tokens, ignore_eos, stop_token_ids
 skip_special_tokens) are accepted too.
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -15,7 +15,9 @@ from rollout.sampling_params import MAX_TOP_LOGPROBS
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: Literal[False] | None = Field(
+        False, description="vLLM's usage in every chunk: not supported")
 
 
 class _Sampling(Strict):
@@ -70,9 +72,15 @@ class _Sampling(Strict):
             raise ValueError("only true is supported here; /generate keeps special tokens")
         return value
 
+    @model_validator(mode="after")
+    def _streamed(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
+        return self
+
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
     def engine_params(self, max_tokens: int | None, top_logprobs: int,
                       logprobs: bool) -> SamplingParams:
@@ -90,7 +98,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="log-probs of the sampled tokens and this many "
                                              "alternatives")
-    echo: Literal[False] = False
+    echo: Literal[False] | None = False
     best_of: int | None = Field(None, ge=1)
     suffix: None = None
 
@@ -123,11 +131,25 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None  # a tool message's
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant message's, for the template
+    # the rest of an answer's message, as a client sends it back (model_dump()): null only
+    refusal: None = None
+    function_call: None = None
+    audio: None = None
+    annotations: None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict:
+        message = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_call_id", "tool_calls"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
 
 class ResponseFormat(Strict):

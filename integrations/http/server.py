@@ -23,6 +23,17 @@ class ApiError(Exception):
 
 
 @contextmanager
+def item_errors(where: str | None):
+    """A refusal of one item of a batch names it ("input_ids[1]: ..."); None: not a batch."""
+    try:
+        yield
+    except ApiError as e:
+        if where is None:
+            raise
+        raise ApiError(e.status, f"{where}: {e.message}", e.param or where) from None
+
+
+@contextmanager
 def engine_errors():
     """The engine's refusals as 4xx: bad input 400, a state that forbids the call 409."""
     try:
