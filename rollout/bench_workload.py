@@ -29,6 +29,8 @@ class Workload:
         for name in ("num_prompts", "n", "min_prompt_len", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.max_prompt_len < self.min_prompt_len:
             raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be at least "
                              f"min_prompt_len ({self.min_prompt_len})")

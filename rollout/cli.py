@@ -35,12 +35,19 @@ def _engine_kwargs(args) -> dict:
     return kwargs
 
 
-def _token_ids(text: str) -> list[int]:
+def _token_ids(text: str, option: str = "--prompt-ids") -> list[int]:
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise ValueError(f"--prompt-ids {text!r}: give token ids separated by commas, such as "
+        raise ValueError(f"{option} {text!r}: give token ids separated by commas, such as "
                          "'1,2,3'") from None
+
+
+def _token_id_list(text: str) -> list[int]:
+    try:
+        return _token_ids(text, "--stop-token-ids")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _port(text: str) -> int:
@@ -53,10 +60,13 @@ def _port(text: str) -> int:
 def cmd_generate(args) -> int:
     from rollout import Engine, SamplingParams
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            min_p=args.min_p, max_tokens=args.max_tokens, n=args.n,
-                            seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos)
+                            min_p=args.min_p, max_tokens=args.max_tokens,
+                            min_tokens=args.min_tokens, n=args.n, seed=args.seed,
+                            stop=args.stop or [], stop_token_ids=args.stop_token_ids or [],
+                            ignore_eos=args.ignore_eos, top_logprobs=args.top_logprobs)
+    # checked before the engine loads (the preset takes seconds)
+    prompt = args.prompt if args.prompt_ids is None else _token_ids(args.prompt_ids)
     engine = Engine(args.model, **_engine_kwargs(args))
-    prompt = _token_ids(args.prompt_ids) if args.prompt_ids else args.prompt
     out = engine.generate([prompt], params, use_tqdm=False)[0]
     if args.json:
         print(json.dumps({"prompt_token_ids": out.prompt_token_ids,
@@ -80,10 +90,8 @@ def cmd_bench(args) -> int:
         print(f"unknown bench suite(s) {unknown}; suites: {', '.join(bench.SUITES)}",
               file=sys.stderr)
         return 2
-    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
-        print(f"error: --json {args.json}: its directory does not exist or is not writable",
-              file=sys.stderr)
-        return 2
+    if args.json:
+        _check_writable(args.json)  # before the run, not after it
     workload = bench.Workload(args.num_prompts, args.n, args.min_prompt_len,
                               args.max_prompt_len, args.max_tokens, args.seed)
     options = bench.BenchOptions(tuple(args.baseline or ()), args.hf_prompts_per_call,
@@ -101,6 +109,18 @@ def cmd_bench(args) -> int:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a path the report could not be written to (a directory, no such directory, no
+    permission: `os.access` says root may write anywhere)."""
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()
+    except OSError as e:
+        raise ValueError(f"--json {path}: {e.strerror}") from None
+    if not existed:
+        os.remove(path)
 
 
 OPTIONAL_PACKAGES = ("triton", "fastapi", "uvicorn", "ray", "verl", "vllm", "openai",
@@ -167,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--prompt-ids", help="prompt token ids, comma separated")
     gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--min-tokens", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -174,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--n", type=int, default=1)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--stop-token-ids", type=_token_id_list, default=None,
+                     help="token ids that end the response, comma separated")
+    gen.add_argument("--top-logprobs", type=int, default=0,
+                     help="also list this many likeliest tokens per position")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print the full output as JSON")
     gen.set_defaults(func=cmd_generate)
@@ -230,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

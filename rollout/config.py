@@ -60,8 +60,7 @@ class ModelConfig:
         if not config_file.is_file():
             raise FileNotFoundError(f"model path {str(path)!r} has no config.json; expected a "
                                     "Hugging Face checkpoint directory")
-        hf = json.loads(config_file.read_text())
-        return cls.from_hf_dict(hf, _eos_from_generation_config(path))
+        return cls.from_hf_dict(_read_json(config_file), _eos_from_generation_config(path))
 
     @classmethod
     def from_hf_dict(cls, hf: dict, generation_eos: tuple[int, ...] = ()) -> "ModelConfig":
@@ -113,11 +112,21 @@ def _rope_parameters(hf: dict) -> dict:
     return rope
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
 def _eos_from_generation_config(path: Path) -> tuple[int, ...]:
     gen = path / "generation_config.json"
     if not gen.is_file():
         return ()
-    eos = json.loads(gen.read_text()).get("eos_token_id")
+    eos = _read_json(gen).get("eos_token_id")
     if isinstance(eos, int):
         return (eos,)
     return tuple(eos or ())
@@ -154,6 +163,8 @@ class EngineConfig:
             device = torch.device(self.device)
         except RuntimeError as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device {self.device!r}: this engine runs on 'cpu' or 'cuda'")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: CUDA is not available here (torch "
                              f"{torch.__version__}); use 'cpu'")

@@ -19,7 +19,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
     path = Path(path)
     if (path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer as FastTokenizer
-        tok = FastTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            tok = FastTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise ValueError(f"{str(path / 'tokenizer.json')!r} does not load: {e}") from None
         return Tokenizer(lambda text: tok.encode(text).ids,
                          lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),
                          tok.get_vocab_size())

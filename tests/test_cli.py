@@ -4,6 +4,7 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,13 @@ def test_generate_with_model(qwen3_path):
     out = json.loads(done.stdout)
     assert len(out["outputs"][0]["token_ids"]) == 5
     assert out["outputs"][0]["finish_reason"] == "length"
+    first = out["outputs"][0]["token_ids"][0]
+    done = run_cli("generate", "--model", str(qwen3_path), "--prompt", "hello", "--max-tokens",
+                   "5", "--temperature", "0", "--json", "--min-tokens", "2",
+                   "--stop-token-ids", str(first), "--top-logprobs", "2")
+    assert done.returncode == 0, done.stderr
+    held = json.loads(done.stdout)["outputs"][0]
+    assert held["token_ids"][0] != first and len(held["top_logprobs"][0]) == 2
 
 
 def test_generate_without_model_uses_the_builtin_preset_and_prints_text(tmp_path):
@@ -56,7 +64,23 @@ def test_bad_options_get_one_line_naming_them_before_any_work(qwen3_path, tmp_pa
              (("bench", "throughput", "--hf-prompts-per-call", "0"),
               "hf_prompts_per_call must be >= 1, got 0"),
              (("bench", "throughput", "--json", str(tmp_path / "no" / "x.json")),
-              "its directory does not exist")]
+              "x.json: No such file or directory"),
+             (("bench", "throughput", "--json", str(tmp_path)), "Is a directory"),
+             (("bench", "throughput", "--seed", "-1"), "seed must be in [0, 2**63), got -1"),
+             # the prompt is read before the model loads: this model path does not exist
+             (("generate", "--model", "/nonexistent", "--prompt-ids", "1,,2"),
+              "--prompt-ids '1,,2'"),
+             (("generate", "--model", "/nonexistent", "--prompt-ids", ""), "--prompt-ids ''"),
+             (("generate", *model, "--prompt-ids", "1", "--stop-token-ids", "3,x"),
+              "--stop-token-ids '3,x'"),
+             (("generate", *model, "--prompt-ids", "1", "--device", "meta"),
+              "device 'meta': this engine runs on 'cpu' or 'cuda'")]
+    for name, broken in (("config.json", "{'x"), ("tokenizer.json", "{1: 2}")):
+        copy = tmp_path / f"broken-{name}"
+        shutil.copytree(qwen3_path, copy)
+        (copy / name).write_text(broken)
+        cases.append((("generate", "--model", str(copy), "--prompt-ids", "1"),
+                      f"{str(copy / name)!r}"))
     if not torch.cuda.is_available():
         cases.append((("generate", *model, "--prompt-ids", "1", "--device", "cuda"),
                       "CUDA is not available here"))
