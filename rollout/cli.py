@@ -77,6 +77,8 @@ def cmd_generate(args) -> int:
         print(f"{header}{c.text!r}" if c.text is not None else header.rstrip())
         print(f"    token_ids={c.token_ids}\n    finish_reason={c.finish_reason} seed={c.seed} "
               f"weight_version={c.weight_version}")
+        if c.top_logprobs:
+            print(f"    top_logprobs={c.top_logprobs}")
     return 0
 
 
@@ -114,13 +116,14 @@ def cmd_bench(args) -> int:
 def _check_writable(path: str) -> None:
     """Refuse a path the report could not be written to (a directory, no such directory, no
     permission: `os.access` says root may write anywhere)."""
-    existed = os.path.exists(path)
+    target = os.path.realpath(path)  # a link's target is what gets written
+    existed = os.path.exists(target)
     try:
-        open(path, "a").close()
+        open(target, "a").close()
     except OSError as e:
         raise ValueError(f"--json {path}: {e.strerror}") from None
     if not existed:
-        os.remove(path)
+        os.remove(target)
 
 
 OPTIONAL_PACKAGES = ("triton", "fastapi", "uvicorn", "ray", "verl", "vllm", "openai",

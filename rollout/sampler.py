@@ -97,10 +97,10 @@ class Sampler:
                 for i, s in enumerate(specs)}
 
     def _without(self, scaled: torch.Tensor, suppressed: list[tuple[int, ...]]) -> torch.Tensor:
-        """exp(x - max) of each row with its `suppressed` tokens at -inf: the max is over the
-        tokens allowed, so where a suppressed one led by far the rest do not underflow to 0
-        (the draw found no mass and took token 0). Rows whose max is allowed get the bits e
-        had."""
+        """exp(x - max) of each row with its `suppressed` tokens at -inf (written into
+        `scaled`, the caller's copy): the max is over the tokens allowed, so where a suppressed
+        one led by far the rest do not underflow to 0 (the draw found no mass and took token
+        0). Rows whose max is allowed get the bits e had."""
         for j, tokens in enumerate(suppressed):
             scaled[j, list(tokens)] = float("-inf")
         return self.softmax_parts(scaled)[1]

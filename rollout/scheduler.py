@@ -6,6 +6,7 @@ splits an attention split. When the KV cache runs out, the most recently admitte
 preempted and later recomputed (its tokens are kept; recomputation gives the same bits).
 """
 
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,41 +210,46 @@ class Scheduler:
         return "length" if self._last(seq) else None
 
     def _stop_string(self, seq: Sequence) -> bool:
-        """Whether a stop string ends in the text the last token added (the text is cut there).
-        As vLLM's: one counts once it ends past the text of the first min_tokens tokens."""
-        params, searched = seq.params, len(seq.text)
-        self._extend_text(seq)
+        """Whether a stop string ends in the text that changed with the last token (the text
+        is cut there). As vLLM's: one counts once it ends past the text of the first
+        min_tokens tokens."""
+        params = seq.params
+        changed = self._extend_text(seq)
         if seq.num_output_tokens <= params.min_tokens:
             return False
         if not seq.stops_searched:  # the first search: all the text past min_tokens' text
             seq.stops_searched = True
-            searched = (len(self.detokenize(seq.output_token_ids[:params.min_tokens]))
-                        if params.min_tokens else 0)
+            changed = (len(self.detokenize(seq.output_token_ids[:params.min_tokens]))
+                       if params.min_tokens else 0)
         for stop in params.stop:
-            cut = seq.text.find(stop, max(0, searched - len(stop) + 1))
+            cut = seq.text.find(stop, max(0, changed - len(stop) + 1))
             if cut != -1:
                 seq.text, seq.stop_reason = seq.text[:cut], stop
                 return True
         return False
 
-    def _extend_text(self, seq: Sequence) -> None:
-        """seq.text = the text of its output tokens, decoding the new ones with a few before
-        them (vLLM's offsets) so a step's cost does not grow with the output. Text that ends in
-        a character still incomplete waits (for a few tokens, and not at the last one); where
-        bytes are malformed (U+FFFD) the whole output is decoded, as the final text is."""
+    def _extend_text(self, seq: Sequence) -> int:
+        """Bring seq.text to the text of the output tokens; returns where it changed. The new
+        tokens are decoded with a few before them (vLLM's offsets), so a step's cost does not
+        grow with the output. A character still incomplete (U+FFFD at the end) waits, for a
+        few tokens and not past the last one; where U+FFFD is in play (malformed bytes, or a
+        character completed after it was shown incomplete) the whole output is decoded, as
+        the final text is, and the search restarts where it first differs."""
         prefix, read = seq.text_offsets
         start, count = seq.num_prompt_tokens, seq.num_output_tokens
         before = self.detokenize(seq.token_ids[start + prefix:start + read])
         after = self.detokenize(seq.token_ids[start + prefix:])
-        if len(after) <= len(before) and not after.endswith("\ufffd"):
-            return  # tokens of no text (special ones, skipped)
-        if "\ufffd" in after:
+        if "\ufffd" in after or seq.text.endswith("\ufffd"):
             if after.endswith("\ufffd") and count - read < 4 and not self._last(seq):
-                return
-            seq.text = self.detokenize(seq.output_token_ids)
-        else:
+                return len(seq.text)
+            old, seq.text = seq.text, self.detokenize(seq.output_token_ids)
+            seq.text_offsets = (read, count)
+            return len(os.path.commonprefix([old, seq.text]))
+        changed = len(seq.text)
+        if len(after) > len(before):  # else tokens of no text (special ones, skipped)
             seq.text += after[len(before):]
-        seq.text_offsets = (read, count)
+            seq.text_offsets = (read, count)
+        return changed
 
     def _last(self, seq: Sequence) -> bool:
         max_tokens = seq.params.max_tokens

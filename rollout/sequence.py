@@ -35,8 +35,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.weight_versions: list[int | str] = []  # in order; more than one means mixed weights
-        # stop strings only: the output's text so far, decoded a few tokens at a time (token
-        # offsets as vLLM's incremental detokenizer keeps them), and where the search starts
+        # stop strings only: the text of the output's first text_offsets[1] tokens (a
+        # character still incomplete waits), decoded a few tokens at a time (offsets as
+        # vLLM's incremental detokenizer keeps them); after a stop string, the text cut there
         self.text = ""
         self.text_offsets = (0, 0)
         self.stops_searched = False

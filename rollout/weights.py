@@ -135,7 +135,7 @@ class WeightStore:
         first = txn.written.setdefault(tensor_name, name)
         if first == name:
             view.copy_(tensor, non_blocking=True)
-        elif not torch.equal(view, tensor.to(view.device, view.dtype)):  # one tensor, two names
+        elif not torch.equal(_bits(view), _bits(tensor.to(view.device, view.dtype))):
             raise ValueError(f"{name} and {first} are one tensor in this model (tied "
                              f"embeddings), and the update gives them different values")
 
@@ -191,3 +191,8 @@ class WeightStore:
     def checksum(self) -> str:
         from weight_sync.digest import checksum
         return checksum((n, self.targets[n].view()) for n in self.canonical)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers: equal bits compare equal (NaN too)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])

@@ -34,6 +34,9 @@ def test_generate_with_model(qwen3_path):
     assert done.returncode == 0, done.stderr
     held = json.loads(done.stdout)["outputs"][0]
     assert held["token_ids"][0] != first and len(held["top_logprobs"][0]) == 2
+    done = run_cli("generate", "--model", str(qwen3_path), "--prompt", "hello", "--max-tokens",
+                   "1", "--top-logprobs", "2")
+    assert done.returncode == 0 and "top_logprobs=[{" in done.stdout, done.stderr
 
 
 def test_generate_without_model_uses_the_builtin_preset_and_prints_text(tmp_path):
@@ -84,10 +87,15 @@ def test_bad_options_get_one_line_naming_them_before_any_work(qwen3_path, tmp_pa
     if not torch.cuda.is_available():
         cases.append((("generate", *model, "--prompt-ids", "1", "--device", "cuda"),
                       "CUDA is not available here"))
+    link = tmp_path / "report.json"  # a link to a file not written yet: checked, left alone
+    link.symlink_to(tmp_path / "target.json")
+    cases.append((("bench", "throughput", "--json", str(link), "--repeat", "0"),
+                  "repeat must be >= 1, got 0"))
     for args, message in cases:
         done = run_cli(*args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-800:])
         assert "Traceback" not in done.stderr
+    assert link.is_symlink() and not (tmp_path / "target.json").exists()
 
 
 def test_doctor_prints_what_runs_and_whether_invariance_is_guaranteed(qwen3_path):

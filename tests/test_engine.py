@@ -266,6 +266,28 @@ def test_stop_strings_search_only_the_new_text(engine, monkeypatch):
     assert max(decoded) < 8, max(decoded)
 
 
+@pytest.mark.parametrize("character, skipped", [("€", 0), ("€", 2), ("€", 3), ("😀", 1)])
+def test_a_stop_string_over_a_character_split_by_skipped_tokens_is_found(engine, character,
+                                                                         skipped):
+    """A character whose bytes are split by tokens of no text (special ones) is shown
+    incomplete (U+FFFD) for a while: the stop string over it is found once it completes, and
+    the text cut before a stop string after it holds the character (the search had moved past
+    it; the stop was missed and the request ran to its length)."""
+    from rollout.sequence import Sequence
+    tok = engine.tokenizer
+    (special,) = tok.encode("<|im_start|>")
+    assert tok.decode([special]) == ""
+    whole = tok.encode(character)
+    response = tok.encode("ab") + whole[:2] + [special] * skipped + whole[2:] + tok.encode("x yz")
+    for stop, cut in ((character + "x", "ab"), ("x", "ab" + character)):
+        seq = Sequence(0, "r", 0, [1, 2], SamplingParams(stop=[stop], max_tokens=99), 0, 16)
+        for token in response:
+            seq.token_ids.append(token)
+            if engine.scheduler._stop_reason(seq) is not None:
+                break
+        assert (seq.stop_reason, seq.text) == (stop, cut)
+
+
 def test_min_tokens_draws_from_the_other_tokens_when_a_stop_id_leads_by_far(engine):
     """While min_tokens holds a stop id back, the draw renormalizes over the other tokens. It
     zeroed the stop id's probability after the softmax: where the stop id led by far the rest

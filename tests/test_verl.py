@@ -301,3 +301,25 @@ def test_full_determinism_seeds_each_request_from_the_rollout_seed_and_its_id(ve
         assert sampled(42, "det-0") != sampled(42, "det-1")
         assert sampled(42, "det-0") != sampled(43, "det-0")
         assert sampled(None, "det-0") != sampled(None, "det-0")  # random seeds otherwise
+
+
+def test_an_abort_that_comes_while_a_resume_runs_is_the_one_that_holds(path):
+    """resume_generation opened the gate (and stopped rejecting) after its engine call
+    returned, past an abort_all_requests(reject_request=True) that came meanwhile: a new
+    request went into the paused engine and waited instead of being sent elsewhere."""
+    from integrations.verl.server import RolloutEngineServer, ServerSettings
+
+    async def race():
+        settings = ServerSettings("hybrid", 32, RESPONSE_LENGTH, ignore_eos=True)
+        server = RolloutEngineServer(str(path), settings, **ENGINE_OPTIONS)
+        await server.abort_all_requests()
+        await asyncio.gather(server.resume_generation(),
+                             server.abort_all_requests(reject_request=True))
+        rejected = await asyncio.wait_for(server.generate(PROMPT, dict(VERL_PARAMS), "a"), 10)
+        await server.resume_generation()
+        return rejected, await server.generate(PROMPT, dict(VERL_PARAMS), "b")
+
+    with torch_threads(1):
+        rejected, admitted = asyncio.run(race())
+    assert (rejected.token_ids, rejected.stop_reason) == ([], "aborted")
+    assert admitted.stop_reason == "completed"

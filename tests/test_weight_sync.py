@@ -545,11 +545,11 @@ def test_a_second_zmq_senders_begin_ends_the_first_ones_update_and_refuses_its_b
         plan_b = b.begin(second, version=20)
         for metas in plan_b:
             b.send_bucket(second, metas)
-        with pytest.raises(weight_sync.WeightUpdateError, match="another sender's"):
+        with pytest.raises(weight_sync.WeightUpdateError, match="begun by another sender"):
             a.send_bucket(first, plan_a[1])
             a._reply()
         assert b.commit() == 20
-        with pytest.raises(weight_sync.WeightUpdateError, match="another sender's|outside"):
+        with pytest.raises(weight_sync.WeightUpdateError, match="another sender|outside"):
             a.commit()
     assert engine.weights_checksum() == weight_sync.checksum(second.items())
 
@@ -614,3 +614,82 @@ def test_tied_names_with_different_values_are_refused(checkpoints):
         generated(engine)
     assert engine.update_weights(state.items(), version=3) == 3
     assert engine.weights_checksum() == weight_sync.checksum(model.named_parameters())
+    with_nan = {**state, "model.embed_tokens.weight": state["lm_head.weight"].clone()}
+    with_nan["model.embed_tokens.weight"][0, 0] = with_nan["lm_head.weight"][0, 0] = float("nan")
+    assert engine.update_weights(with_nan.items(), version=4) == 4  # the same bits: one tensor
+
+
+def test_refused_messages_do_not_keep_an_abandoned_update_open(engine, qwen3_path):
+    """Only the open update's sender restarts its silence clock: a peer without the token
+    sending every 0.3 s kept a dead trainer's update open, and the engine from stepping."""
+    named = {n: t.detach() for n, t in trained(qwen3_path, 27).named_parameters()}
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0", timeout_s=1.0)
+    endpoint, _ = weight_sync.split_address(address)
+    with (weight_sync.ZmqWeightSender(address) as abandoned,
+          weight_sync.ZmqWeightSender(endpoint, timeout_s=5) as stranger):
+        abandoned.begin(named, version=9)  # and then nothing
+        started = time.monotonic()
+        while engine.weights.txn is not None:
+            assert time.monotonic() - started < 5, "the abandoned update is still open"
+            with pytest.raises(weight_sync.WeightUpdateError, match="token"):
+                stranger.begin({"x": torch.zeros(1)})
+            time.sleep(0.3)
+    assert engine.weight_version == 0 and generated(engine)
+
+
+def test_a_sender_whose_connection_drops_and_comes_back_keeps_its_update(engine, qwen3_path):
+    """ZMQ reconnects a dropped TCP connection by itself; the receiver took the reconnected
+    sender for another one and refused the rest of its update."""
+    named = {n: t.detach() for n, t in trained(qwen3_path, 28).named_parameters()}
+    address = engine.start_weight_receiver("tcp://127.0.0.1:0")
+    endpoint, token = weight_sync.split_address(address)
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    with weight_sync.ZmqWeightSender(f"tcp://127.0.0.1:{relay.port}#token={token}",
+                                     bucket_bytes=1 << 16, timeout_s=30) as sender:
+        plan = sender.begin(named, version=11)
+        relay.drop()
+        for metas in plan:
+            sender.send_bucket(named, metas)
+        assert sender.commit() == 11
+    assert relay.connections == 2
+    assert engine.weights_checksum() == weight_sync.checksum(named.items())
+
+
+class Relay:
+    """A TCP relay to a local port whose connections can be dropped (both ends see them
+    closed), as a network blip or an idle timeout drops them."""
+
+    def __init__(self, target: int):
+        self.target, self.live, self.connections = target, [], 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.live.append((client, upstream))
+            self.connections += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        for end in (a, b):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def drop(self) -> None:
+        for pair in self.live:
+            for end in pair:
+                end.shutdown(socket.SHUT_RDWR)
+        self.live.clear()
+        time.sleep(0.5)  # ZMQ reconnects after 100 ms

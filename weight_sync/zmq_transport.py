@@ -90,6 +90,8 @@ class ZmqWeightSender:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # an identity of its own: the receiver knows this sender again after a reconnect
+        self._sock.setsockopt(zmq.ROUTING_ID, b"s" + secrets.token_bytes(15))
         self._sock.connect(endpoint)
         self._slots: list[_Slot] = []
         self._busy: _Slot | None = None
@@ -253,6 +255,7 @@ class ZmqWeightReceiver:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a sender reconnecting keeps its id
         if endpoint.endswith(":0"):
             port = self._sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
             endpoint = f"{endpoint.rsplit(':', 1)[0]}:{port}"
@@ -282,7 +285,8 @@ class ZmqWeightReceiver:
                     reply = self._handle_message(ident.bytes, parts)
                 except Exception as e:  # answer every request; the engine keeps serving
                     reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-                self._last = time.monotonic()  # the sender's silence starts with the answer
+                if self._open and ident.bytes == self._sender:  # silence from the answer on
+                    self._last = time.monotonic()
                 self._sock.send_multipart([ident, b"", msgpack.packb(reply)])
         finally:
             if self._open:  # never leave the engine waiting on an update nobody can finish
@@ -316,9 +320,9 @@ class ZmqWeightReceiver:
             return {"ok": True}
         if not self._open:
             raise RuntimeError(f"{op!r} outside an update: send 'begin' first")
-        if sender != self._sender:  # its update was ended by another sender's begin
-            raise RuntimeError(f"{op!r} refused: the open update is another sender's (this "
-                               f"sender's update was aborted when that one began)")
+        if sender != self._sender:
+            raise RuntimeError(f"{op!r} refused: the open update was begun by another sender "
+                               f"(a sender's begin ends an update another one left open)")
         if op == "bucket":
             metas = [TensorMeta.from_wire(m) for m in header["tensors"]]
             try:

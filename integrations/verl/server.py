@@ -44,6 +44,7 @@ class RolloutEngineServer:
         self.settings = settings
         self._admitting = asyncio.Event()  # cleared by abort_all_requests until resume_generation
         self._admitting.set()
+        self._control = asyncio.Lock()  # aborts and resumes one at a time: the last one wins
         self._reject_requests = False
         self._receiver_address: str | None = None
 
@@ -101,14 +102,16 @@ class RolloutEngineServer:
         wait for `resume_generation` (memory may be released and weights updated meanwhile),
         or with reject_request=True are answered at once as aborted, with no tokens (verl's
         client then sends them to another replica), as verl's vLLM server does."""
-        self._admitting.clear()
-        self._reject_requests = reject_request
-        await asyncio.to_thread(self.engine.pause_generation, "abort")
+        async with self._control:
+            self._admitting.clear()
+            self._reject_requests = reject_request
+            await asyncio.to_thread(self.engine.pause_generation, "abort")
 
     async def resume_generation(self) -> None:
-        await asyncio.to_thread(self.engine.continue_generation)
-        self._reject_requests = False
-        self._admitting.set()
+        async with self._control:
+            await asyncio.to_thread(self.engine.continue_generation)
+            self._reject_requests = False
+            self._admitting.set()
 
     # ---------------------------------------------------------------- memory
 
