@@ -45,7 +45,8 @@ def bench_weight_sync(model: str | None, workload: Workload, options: BenchOptio
     steady state. The trainer holds float32 weights; bytes counted are the trainer's."""
     from rollout.bench_peers import trainer_weights
     path = model or str(preset_path())
-    engine = Engine(path, num_kv_blocks=16, **engine_kwargs)
+    engine_kwargs.setdefault("num_kv_blocks", 16)
+    engine = Engine(path, **engine_kwargs)
     named = trainer_weights(path)
     nbytes = sum(t.numel() * t.element_size() for t in named.values())
     bucket, repeats = 512 << 20, 2
@@ -61,12 +62,15 @@ def bench_weight_sync(model: str | None, workload: Workload, options: BenchOptio
     rows.append(("plain tensor copy (baseline)", seconds))
     del dst
 
+    _one_step(engine)  # the engine holds what a serving one does (packed weights)
+    warm = _one_step(engine)
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         engine.update_weights(named.items())
         seconds.append(time.perf_counter() - start)
     rows.append(("in-process update_weights", seconds))
+    after = _one_step(engine)  # rebuilds what the update dropped (the CPU's packed weights)
 
     address = engine.start_weight_receiver("tcp://127.0.0.1:0", timeout_s=600)
     for mode, share, label in (("bytes", False, "ZMQ tcp, bytes"),
@@ -112,7 +116,18 @@ def bench_weight_sync(model: str | None, workload: Workload, options: BenchOptio
         lines.append(f"  {label:<40}{first:>9.3f}{steady:>10.3f}{gbs:>8.2f}{gbs / base:>8.0%}")
         data["transports"][label] = {"first_s": first, "steady_s": steady, "gb_per_s": gbs,
                                      "vs_copy": gbs / base}
+    lines.append(f"  and the first engine step after an update: {after:.3f} s, against "
+                 f"{warm:.3f} s warm ({after - warm:+.3f} s: weights prepared again, e.g. the "
+                 f"CPU's packed copies; not in the times above)")
+    data["first_step_after_update_s"], data["warm_step_s"] = after, warm
     return SuiteResult(lines, data)
+
+
+def _one_step(engine: Engine) -> float:
+    """Seconds of a one-token generation (prefill of a short prompt)."""
+    start = time.perf_counter()
+    engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=1), use_tqdm=False)
+    return time.perf_counter() - start
 
 
 def bench_memory(model: str | None, workload: Workload, options: BenchOptions,

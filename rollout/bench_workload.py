@@ -36,7 +36,7 @@ class Workload:
                              f"min_prompt_len ({self.min_prompt_len})")
 
     def _generator(self, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1000 + stream)
+        return torch.Generator().manual_seed((self.seed * 1000 + stream) % (1 << 63))
 
     def prompt_lengths(self) -> list[int]:
         return torch.randint(self.min_prompt_len, self.max_prompt_len + 1, (self.num_prompts,),

@@ -11,6 +11,7 @@ One small interface, `Arena`, with two implementations:
 """
 
 import ctypes
+import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -50,7 +51,7 @@ def trim_host_memory() -> None:
 def resident_bytes() -> int:
     """This process's resident set size, from the OS."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def bytes_in_use(device: torch.device | str) -> int:

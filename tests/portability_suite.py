@@ -154,7 +154,8 @@ def trainer_gap(path, arch, dtype) -> float:
         response = torch.tensor(out.outputs[0].token_ids, device=device)
         picked = logprobs[i, len(prompt) - 1:len(prompt) - 1 + len(response)]
         picked = picked.gather(1, response.unsqueeze(1)).squeeze(1).cpu()
-        worst = max(worst, (picked - torch.tensor(out.outputs[0].logprobs)).abs().max().item())
+        gap = (picked - torch.tensor(out.outputs[0].logprobs)).abs()
+        worst = max(worst, torch.nan_to_num(gap, nan=float("inf")).max().item())  # NaN: never 0
     return worst
 
 

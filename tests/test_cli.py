@@ -153,3 +153,25 @@ def test_bench_against_transformers_writes_every_figure(qwen3_path, tmp_path):
     assert hardware["matmul_flops_per_s"] == max(calls.values())
     if torch.backends.mkldnn.is_available():
         assert set(calls) == {"torch matmul", "oneDNN linear, packed weight"}
+    # a decode step reads every weight but one row of this untied model's input embedding
+    config = json.loads((qwen3_path / "config.json").read_text())
+    vocab, hidden, layers = config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]
+    q, kv = config["num_attention_heads"] * 32, config["num_key_value_heads"] * 32  # head_dim
+    layer = (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config["intermediate_size"]
+             + 2 * hidden + 2 * 32)  # projections, MLP, 2 norms, q/k norms
+    assert hardware["weight_bytes"] == 4 * (layers * layer + hidden + vocab * hidden + hidden)
+
+
+def test_bench_memory_and_weight_sync_suites_run_and_write_their_figures(qwen3_path, tmp_path):
+    """With engine options given (weight-sync passed num_kv_blocks twice: TypeError after the
+    other suites had run); weight-sync reports the first step after an update beside it."""
+    report = tmp_path / "bench.json"
+    done = run_cli("bench", "memory", "weight-sync", "--model", str(qwen3_path),
+                   "--num-kv-blocks", "8", "--no-progress", "--json", str(report))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "first engine step after an update" in done.stdout
+    suites = json.loads(report.read_text())["suites"]
+    sync = suites["weight-sync"]
+    assert sync["transports"]["in-process update_weights"]["gb_per_s"] > 0
+    assert sync["first_step_after_update_s"] > 0 and sync["warm_step_s"] > 0
+    assert suites["memory"]

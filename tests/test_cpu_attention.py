@@ -147,17 +147,22 @@ def test_bfloat16_attention_is_attention(heads, kv_heads, d, split):
 
 
 def test_causal_attention_gradients_are_those_of_attention():
+    """Against torch's own scaled_dot_product_attention in float64 (the C kernels' backward
+    runs our differentiable reference: compared with itself, a wrong gradient passed)."""
     length = 40
     q, k, v = (_rand(length, h, D, seed=s, dtype=torch.float32).requires_grad_()
                for s, h in ((1, HEADS), (2, KV_HEADS), (3, KV_HEADS)))
     out = cpu.causal_attention(q, k, v, SCALE, SPLIT)
     weights = _rand(length, HEADS, D, seed=4, dtype=torch.float32)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
-    reference = cpu._reference_causal(q, k, v, SCALE)
-    assert torch.allclose(out, reference, atol=1e-5)
-    expected = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    heads_first = [t.transpose(0, 1).unsqueeze(0) for t in leaves]  # [1, heads, L, D]
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        *heads_first, is_causal=True, scale=SCALE, enable_gqa=True)[0].transpose(0, 1)
+    assert torch.allclose(out.double(), reference, atol=1e-5)
+    expected = torch.autograd.grad((reference * weights.double()).sum(), leaves)
     for got, want in zip(grads, expected):
-        assert torch.allclose(got, want, atol=1e-4)
+        assert torch.allclose(got.double(), want, atol=1e-4)
 
 
 def test_without_a_compiler_the_torch_ops_attend(monkeypatch, tmp_path):

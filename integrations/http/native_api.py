@@ -4,6 +4,7 @@ Weight and memory calls answer `{"success": bool, "message": str}`, with a 4xx o
 """
 
 import asyncio
+import dataclasses
 import gc
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
@@ -258,6 +259,7 @@ async def server_info(server: ServerDep):
         "page_size": config.block_size, "chunked_prefill_size": config.max_num_batched_tokens,
         "deterministic": config.deterministic, "memory": engine.memory_stats(),
         "threads": engine.determinism_report().threads,  # batch_invariant_mode(expect=...)
+        "scheduler": dataclasses.asdict(engine.scheduler.stats),  # steps, tokens since start
         "version": package_version(),
     }
 
