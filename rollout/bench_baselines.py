@@ -125,6 +125,9 @@ def run_vllm(path: str, workload: Workload, dtype: torch.dtype, kv_cache_bytes: 
             raise RuntimeError(f"the vLLM baseline exited with {done.returncode} (its whole "
                                f"output: {log}):\n{tail}")
         data = json.loads(out.read_text())
+    if data["output_tokens"] != workload.output_tokens:  # as the engine's run is checked
+        raise RuntimeError(f"vLLM made {data['output_tokens']} output tokens; the workload "
+                           f"asks {workload.output_tokens}")
     return RunResult("vllm", data["seconds"], workload.prompt_tokens, data["output_tokens"],
                      {"vllm_version": data["version"], "kv_cache_bytes": kv_cache_bytes})
 

@@ -254,5 +254,6 @@ def bench_throughput(model: str | None, workload: Workload, options: BenchOption
             options.emit(line)
         details += engine_lines
         data[dt] = {"systems": {r.system: r.to_json() for r in runs}, **ratios,
-                    "deterministic_cost": cost, "proofs_s": proofs, **dt_data}
+                    "deterministic_cost": cost, "proofs_s": proofs,
+                    "notes": [note.strip() for note in notes], **dt_data}  # skipped baselines
     return SuiteResult(details, data)

@@ -1,6 +1,7 @@
 """The work `rollout bench` gives every system: a seeded, GRPO-shaped batch of requests, and the
 result every system reports for it."""
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -120,6 +121,9 @@ class BenchOptions:
             raise ValueError(f"repeat must be >= 1, got {self.repeat}")
         if self.hf_prompts_per_call < 1:
             raise ValueError(f"hf_prompts_per_call must be >= 1, got {self.hf_prompts_per_call}")
+        python = self.vllm_python
+        if python is not None and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise ValueError(f"vllm_python {python!r} is not an executable file")
 
 
 @dataclass

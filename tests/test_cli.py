@@ -70,6 +70,8 @@ def test_bad_options_get_one_line_naming_them_before_any_work(qwen3_path, tmp_pa
               "x.json: No such file or directory"),
              (("bench", "throughput", "--json", str(tmp_path)), "Is a directory"),
              (("bench", "throughput", "--seed", "-1"), "seed must be in [0, 2**63), got -1"),
+             (("bench", "throughput", "--baseline", "vllm", "--vllm-python", "/no/python"),
+              "vllm_python '/no/python' is not an executable file"),
              # the prompt is read before the model loads: this model path does not exist
              (("generate", "--model", "/nonexistent", "--prompt-ids", "1,,2"),
               "--prompt-ids '1,,2'"),
@@ -132,6 +134,8 @@ def test_bench_against_transformers_writes_every_figure(qwen3_path, tmp_path):
         assert "vllm: not installed, skipped" in done.stdout
     data = json.loads(report.read_text())["suites"]["throughput"]
     f32 = data["float32"]
+    if importlib.util.find_spec("vllm") is None:  # a skipped baseline is in the JSON too
+        assert any(note.startswith("vllm: not installed") for note in f32["notes"])
     systems = f32["systems"]
     asked = 2 * sum(Workload(**data["workload"]).response_lengths())
     for name in ("rollout", "transformers", "rollout deterministic=False"):
