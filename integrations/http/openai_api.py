@@ -107,6 +107,9 @@ def chat_prompt(server: Server, messages: list[ChatMessage]) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
 
 
+_loading = threading.Lock()
+
+
 def chat_tokenizer(server: Server):
     """transformers' tokenizer of the engine's, for its chat template: loaded by the first chat
     request, once (requests arriving together raced on importing transformers: HTTP 500)."""
@@ -116,9 +119,6 @@ def chat_tokenizer(server: Server):
                             "use /v1/completions with token ids", "messages")
     with _loading:
         return _hf_tokenizer(path)
-
-
-_loading = threading.Lock()
 
 
 @lru_cache(maxsize=4)
