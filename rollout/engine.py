@@ -791,7 +791,7 @@ def _meta(name, dtype, shape) -> TensorMeta:
             isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
             for x in shape):
         raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
-    # "torch.float32" names float32: one spelling, so loads compare like with like
+    # an unknown dtype is refused here, by name ("torch.float32" is float32)
     return TensorMeta(name, dtype_name(dtype_from_name(dtype)), tuple(int(x) for x in shape))
 
 

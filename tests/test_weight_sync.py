@@ -560,9 +560,9 @@ def test_the_zmq_silence_timeout_counts_from_the_receivers_answer(engine, qwen3_
     named = {n: t.detach() for n, t in trained(qwen3_path, 23).named_parameters()}
     address = engine.start_weight_receiver("tcp://127.0.0.1:0", timeout_s=1.0)
     with weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as sender:
+        box: list = []
         with engine._cond:  # held as a step holds it, for longer than the timeout
             begun = threading.Thread(target=lambda: box.append(sender.begin(named, 30)))
-            box: list = []
             begun.start()
             time.sleep(1.5)
         begun.join(timeout=30)
