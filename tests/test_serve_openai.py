@@ -190,6 +190,27 @@ def test_a_refused_prompt_of_a_list_is_named_and_stream_options_need_a_stream(cl
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_continuous_usage_stats_give_each_chunk_its_samples_count_so_far(client):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries
+    usage of its sample so far; without include_usage none does. It was refused."""
+    base = dict(model="tiny-qwen3", prompt=[[1, 2, 3]], max_tokens=5, n=2, seed=4, stream=True,
+                extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(
+        **base, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    *per_sample, last = chunks
+    made = {0: 0, 1: 0}
+    for chunk in per_sample:
+        (c,) = chunk.choices
+        made[c.index] += 1  # one token per chunk here (no stop strings hold text back)
+        assert chunk.usage.prompt_tokens == 3
+        assert chunk.usage.completion_tokens == made[c.index]
+        assert chunk.usage.total_tokens == 3 + made[c.index]
+    assert made == {0: 5, 1: 5} and last.usage.completion_tokens == 10 and not last.choices
+    quiet = list(client.completions.create(**base, stream_options={
+        "include_usage": False, "continuous_usage_stats": True}))
+    assert all(chunk.usage is None for chunk in quiet)
+
+
 @pytest.fixture(scope="module")
 def no_tokenizer(tmp_path_factory):
     from rollout.presets import make_checkpoint

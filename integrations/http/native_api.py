@@ -48,11 +48,13 @@ async def generate_route(req: GenerateRequest, server: ServerDep, request: Reque
 
 @router.post("/abort_request", tags=["generation"])
 async def abort_request(req: AbortRequest, server: ServerDep):
-    """Abort one request by `rid`, or all: they return their partial output (finish "abort")."""
+    """Abort one request by `rid`, or all: they return their partial output (finish "abort").
+    A rid not in flight (finished already, or never sent) aborts nothing and answers 200, as
+    SGLang's does: a client's abort racing its request's end is no error."""
     count = await server.abort(None if req.abort_all else req.rid)
     if not req.abort_all and not count:
-        raise ApiError(404, f"no request {req.rid!r} is in flight", "rid")
-    return ok(f"aborted {count} request(s)")
+        return ok(f"no request {req.rid!r} is in flight: nothing aborted", aborted=0)
+    return ok(f"aborted {count} request(s)", aborted=count)
 
 
 @router.get("/v1/loads", tags=["generation"])

@@ -38,7 +38,7 @@ async def completions(req: CompletionRequest, server: ServerDep, request: Reques
     answer = Answer(server, req.model, "text_completion", req.n)
     prompts, params = req.prompts(), req.sampling()
     if req.stream:
-        return await answer.stream(prompts, params, req.include_usage,
+        return await answer.stream(prompts, params, req.include_usage, req.continuous_usage,
                                    lambda c, new, t: answer.completion_choice(c, new, t,
                                                                               req.logprobs))
     outs = await unless_disconnected(request, gather(
@@ -59,7 +59,7 @@ async def chat_completions(req: ChatRequest, server: ServerDep, request: Request
     params = req.sampling()
     top = req.top_logprobs or 0
     if req.stream:
-        return await answer.stream([prompt], params, req.include_usage,
+        return await answer.stream([prompt], params, req.include_usage, req.continuous_usage,
                                    lambda c, new, t: answer.chat_delta(c, new, t, req.logprobs,
                                                                        top))
     out = await unless_disconnected(request, server.generate(prompt, params, None))
@@ -131,11 +131,18 @@ def _hf_tokenizer(path: str):
                             f"that loads ({e}); use /v1/completions with token ids") from None
 
 
-def usage(outs: list[RequestOutput]) -> dict:
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+def usage(outs: list[RequestOutput]) -> dict:
+    return _usage(sum(len(o.prompt_token_ids) for o in outs),
+                  sum(len(c.token_ids) for o in outs for c in o.outputs))
+
+
+def sample_usage(out: RequestOutput, c: CompletionOutput) -> dict:
+    return _usage(len(out.prompt_token_ids), len(c.token_ids))
 
 
 class Answer:
@@ -203,9 +210,11 @@ class Answer:
         return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
 
     async def stream(self, prompts: list, params: SamplingParams, include_usage: bool,
-                     choice: Callable[[CompletionOutput, str, slice], dict]
+                     continuous: bool, choice: Callable[[CompletionOutput, str, slice], dict]
                      ) -> StreamingResponse:
-        """A chunk for each sample after every step that added to it, then usage, [DONE]."""
+        """A chunk for each sample after every step that added to it, then usage, [DONE].
+        `continuous`: every chunk carries its sample's usage so far (vLLM's
+        continuous_usage_stats: its prompt's tokens and the sample's tokens)."""
         streams = await primed([_named_stream(_where(k, prompts),
                                               self.server.stream(p, params, None))
                                 for k, p in enumerate(prompts)])
@@ -222,7 +231,8 @@ class Answer:
                         new = progress.step(c)
                         if new is not None:
                             body = choice(c, *new) | {"index": self.index(k, c)}
-                            yield sse(self.body([body], None, chunk=True))
+                            yield sse(self.body([body], sample_usage(out, c) if continuous
+                                                else None, chunk=True))
             except ApiError as e:
                 yield sse({"error": {"message": e.message, "code": e.status}})
             if include_usage:

@@ -16,8 +16,9 @@ from rollout.sampling_params import MAX_TOP_LOGPROBS
 
 class StreamOptions(Strict):
     include_usage: bool | None = False
-    continuous_usage_stats: Literal[False] | None = Field(
-        False, description="vLLM's usage in every chunk: not supported")
+    continuous_usage_stats: bool | None = Field(
+        False, description="with include_usage, vLLM's usage of the chunk's sample in every "
+                           "chunk (its prompt's tokens and the sample's tokens so far)")
 
 
 class _Sampling(Strict):
@@ -81,6 +82,10 @@ class _Sampling(Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and bool(self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def engine_params(self, max_tokens: int | None, top_logprobs: int,
                       logprobs: bool) -> SamplingParams:
