@@ -283,6 +283,36 @@ def test_an_engine_replaced_while_the_memory_is_released_joins_with_the_groups_w
         group.shutdown()
 
 
+def test_an_engine_lost_during_a_release_or_pause_leaves_the_group_in_the_new_state(
+        ray_session, qwen3_path):
+    """The group recorded no pause (or release) when one engine failed it, though the others
+    made it: its health check then probed the paused engine by generating, which a paused
+    engine never answers, and killed the engine that had done what was asked."""
+    group = new_group(qwen3_path)
+    try:
+        checksum = group.weights_checksum()[0]
+        ray.kill(group.slots[1].actor, no_restart=True)
+        with pytest.raises(RuntimeError, match=r"engines \[1\] failed release_memory that "
+                                               r"engines \[0\] made and left service"):
+            group.release_memory()
+        assert group.check_health(timeout_s=10) == [True, False]  # a ping: it is released
+        group.replace(1)  # the checkpoint, released as the group is
+        group.resume_memory()
+        assert group.size == 2 and group.weights_checksum() == [checksum, checksum]
+
+        ray.kill(group.slots[0].actor, no_restart=True)
+        with pytest.raises(RuntimeError, match=r"engines \[0\] failed pause_generation"):
+            group.pause_generation("in_place")
+        assert group.check_health(timeout_s=10) == [False, True]
+        group.replace(0)
+        held = group.slots[0].actor.generate.remote(PROMPTS[:1], GREEDY)
+        assert ray.wait([held], timeout=3)[1] == [held]  # joined paused, as the group is
+        group.continue_generation()
+        assert samples(ray.get(held)) == samples(group.generate(PROMPTS[:1], GREEDY))
+    finally:
+        group.shutdown()
+
+
 def test_an_update_one_engine_refuses_takes_it_out_of_service(ray_session, qwen3_path):
     """Engines on two versions would answer one request two ways: the one that refused leaves
     service, the error names both sides, and its replacement copies the committed weights."""

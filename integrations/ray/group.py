@@ -280,14 +280,33 @@ class RolloutGroup:
     def _on_all(self, method: str, *args, **kwargs) -> list:
         return self._wait(self._each(lambda k, a: getattr(a, method).remote(*args, **kwargs)))
 
-    async def _in_turn(self, method: str, *args, then: Callable[[], None] | None = None):
+    async def _in_turn(self, method: str, *args, then: Callable[[], None]) -> None:
         """`method` on every ready engine, in turn with replacements and updates; `then`
         records the group's new state on the loop, before the next turn."""
         async with self._turn:
-            results = await self._each(lambda k, a: getattr(a, method).remote(*args))
-            if then is not None:
-                then()
-            return results
+            await self._change_each(method, args, then)
+
+    async def _change_each(self, method: str, args: tuple, then: Callable[[], None]) -> None:
+        """A change of state (memory, pause) on every ready engine. Where some make it and
+        others fail, the group takes the new state and the failing engines leave service (a
+        replacement joins in the group's state), and the error names both sides; where all
+        fail, the group keeps its state."""
+        slots, results = await self._call_each(lambda k, a: getattr(a, method).remote(*args))
+        failed = [(s, r) for s, r in zip(slots, results) if isinstance(r, BaseException)]
+        if failed and len(failed) == len(slots):
+            for slot, error in failed:
+                if isinstance(error, RayActorError):
+                    self._lost(slot, error)
+            raise failed[0][1]
+        then()
+        if failed:
+            done = [s.index for s in slots if all(s is not f for f, _ in failed)]
+            for slot, error in failed:
+                self._retire(slot, f"failed {method} that engines {done} made: "
+                                   f"{_first_line(error)}")
+            raise RuntimeError(f"engines {[s.index for s, _ in failed]} failed {method} that "
+                               f"engines {done} made and left service; replace() them. First "
+                               f"error: {_first_line(failed[0][1])}")
 
     async def _update_each(self, call: Callable[[int, ActorHandle], ray.ObjectRef]) -> list:
         """A weight update on every ready engine. Where some commit it and others refuse, the
@@ -437,10 +456,12 @@ class RolloutGroup:
 
     async def _resume(self, tags) -> None:
         async with self._turn:
-            await self._each(lambda k, a: a.resume_memory.remote(tags))
-            self._released -= _tag_set(tags)
-            if "weights" not in self._released:
-                await self._admit_waiting()
+            try:
+                await self._change_each("resume_memory", (tags,),
+                                        lambda: self._released.difference_update(_tag_set(tags)))
+            finally:  # the weights are back where some engine resumed them
+                if "weights" not in self._released:
+                    await self._admit_waiting()
 
     def pause_generation(self, mode: str = "abort") -> None:
         self._wait(self._in_turn("pause_generation", mode,
