@@ -128,16 +128,22 @@ def test_malformed_json_and_other_4xx(server):
         assert client.get("/generate").status_code == 405
 
 
-def test_a_lone_surrogate_in_text_is_a_400_and_the_connection_serves_on(server, before):
+def test_a_lone_surrogate_in_any_string_is_a_400_and_the_server_serves_on(server, before):
     """Valid JSON, but no Unicode text: the tokenizer takes none (a 500 that reset the
-    client's connection before)."""
+    client's connection before), and no answer can encode it back: a rid holding one was a
+    500, a weight version holding one made every later /generate and /server_info a 500."""
     with server.client() as client:
-        for path, raw in [("/generate", b'{"text": "\\ud800abc"}'),
-                          ("/v1/completions", b'{"model": "qwen30", "prompt": "\\ud800"}')]:
+        for path, raw, field in [
+                ("/generate", b'{"text": "\\ud800abc"}', "text"),
+                ("/v1/completions", b'{"model": "qwen30", "prompt": "\\ud800"}', "prompt"),
+                ("/generate", b'{"input_ids": [1, 2], "rid": "\\ud800"}', "rid"),
+                ("/update_weights_from_disk",
+                 b'{"model_path": "/nowhere", "weight_version": "\\udc00"}', "weight_version")]:
             reply = client.post(path, content=raw, headers={"content-type": "application/json"})
             assert reply.status_code == 400, reply.text
-            assert "prompt is not valid Unicode text" in reply.json()["message"]
+            assert f"{field} is not valid Unicode text" in reply.json()["message"]
         assert client.post("/generate", json=GREEDY).json()["output_ids"] == before["output_ids"]
+        assert client.get("/server_info").status_code == 200
 
 
 class RunsCode:

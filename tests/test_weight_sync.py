@@ -357,6 +357,42 @@ def test_a_handle_pickle_may_not_set_attributes_of_torch_classes():
     assert torch.UntypedStorage._new_shared_filename_cpu is method
 
 
+def test_a_handle_pickle_may_call_only_torchs_rebuild_functions():
+    """torch.Tensor is a name a handle holds (an argument of rebuild_tensor); called on a nested
+    list of one list repeated, it built 2^depth elements under the GIL from a few hundred bytes
+    (a server froze 25 s at depth 26). Calls and instantiations of it are refused; handles
+    still load."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from weight_sync import safe_pickle
+
+    class Bomb:
+        def __reduce__(self):
+            nested = [1.0]
+            for _ in range(12):  # 2^12 elements here (a few bytes more per doubling)
+                nested = [nested, nested]
+            return torch.Tensor, (nested,)
+
+    with pytest.raises(pickle.UnpicklingError, match="refused to call Tensor"):
+        safe_pickle.loads(pickle.dumps(Bomb(), protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refused to call Tensor"):
+        safe_pickle.loads(b"\x80\x02ctorch\nTensor\n)\x81.")  # NEWOBJ
+    with pytest.raises(pickle.UnpicklingError, match="refused to call Tensor"):
+        safe_pickle.loads(b"(ctorch\nTensor\nK\x01o.")  # OBJ (protocol 1)
+    before = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        buf = io.BytesIO()
+        weights = [("w", torch.arange(6.0).reshape(2, 3)), ("p", torch.nn.Parameter(torch.ones(2)))]
+        ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(weights)
+        got = safe_pickle.loads(buf.getvalue())
+    finally:
+        torch.multiprocessing.set_sharing_strategy(before)
+    assert [n for n, _ in got] == ["w", "p"] and torch.equal(got[0][1], weights[0][1])
+
+
 def test_an_untied_checkpoint_without_its_embedding_is_refused(checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
     src = Path(checkpoints("llama-untied"))

@@ -6,7 +6,10 @@ rebuild functions, torch dtypes, `torch.Size` and the storage classes, plus name
 any other name is refused before anything runs. A pickle also sets attributes (its BUILD op)
 on whatever object it has made or named, a class included (`torch.UntypedStorage`'s methods,
 for every later caller in the process): that is refused too, except on instances of the
-classes a caller lists as buildable (a plain metadata record).
+classes a caller lists as buildable (a plain metadata record). And only the rebuild functions and
+`torch.Size` may be called (a pickle's REDUCE op), only buildable classes instantiated (NEWOBJ):
+the other names are values a rebuild function takes (a class, a dtype). Calling `torch.Tensor` on
+a nested list of one list repeated builds 2^depth elements from a few hundred bytes.
 """
 
 import io
@@ -33,6 +36,10 @@ TENSOR_NAMES = {
 }
 
 
+CALLABLE = frozenset(value for (module, _), value in TENSOR_NAMES.items() if module == _R) | {
+    torch.Size}
+
+
 class RefusedName(pickle.UnpicklingError):
     """The pickle names something outside the allowed set; nothing it names has run."""
 
@@ -56,7 +63,25 @@ class _Unpickler(pickle._Unpickler):  # the Python one: its BUILD can be checked
                                          "metadata records may be built")
         super().load_build()
 
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+    def load_reduce(self):
+        _refuse_call(self.stack[-2], CALLABLE)
+        super().load_reduce()
+
+    def load_newobj(self):
+        _refuse_call(self.stack[-2], self.buildable)
+        super().load_newobj()
+
+    def load_newobj_ex(self):
+        _refuse_call(self.stack[-3], self.buildable)
+        super().load_newobj_ex()
+
+    def _instantiate(self, klass, args):  # the INST and OBJ ops (protocols 0 and 1)
+        _refuse_call(klass, self.buildable)
+        super()._instantiate(klass, args)
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build,
+                pickle.REDUCE[0]: load_reduce, pickle.NEWOBJ[0]: load_newobj,
+                pickle.NEWOBJ_EX[0]: load_newobj_ex}
 
     def find_class(self, module: str, name: str):
         found = self.allowed.get((module, name))
@@ -66,6 +91,13 @@ class _Unpickler(pickle._Unpickler):  # the Python one: its BUILD can be checked
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refused a persistent id: only plain pickles are loaded")
+
+
+def _refuse_call(target, allowed) -> None:
+    if target not in allowed:
+        what = getattr(target, "__qualname__", type(target).__name__)
+        raise pickle.UnpicklingError(f"refused to call {what}: a pickle may only call torch's "
+                                     "rebuild functions and build metadata records")
 
 
 def loads(raw: bytes, extra: dict | None = None, buildable: tuple[type, ...] = ()):

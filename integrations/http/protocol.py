@@ -28,8 +28,32 @@ def _temperature(value: float) -> float:
 Temperature = Annotated[float, Field(ge=0), AfterValidator(_temperature)]
 
 
+def _unicode(value, where: str):
+    """JSON may carry lone surrogates ("\\ud800"), which are not text: no tokenizer takes
+    them and no answer can encode them back (a rid or weight version holding one made the
+    answers to every client an HTTP 500). Refused in every string, by name."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} is not valid Unicode text (a lone surrogate: {value!r})")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _unicode(item, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _unicode(key, where)
+            _unicode(item, where)
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _text(cls, value, info):
+        return _unicode(value, info.field_name)
 
 
 class SglSamplingParams(Strict):
