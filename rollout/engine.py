@@ -441,6 +441,15 @@ class Engine:
                           request_ids: Seq[str] | None = None) -> list[list[float]]:
         """`score` from asyncio, stepped by the engine's loop thread (no thread waits on it);
         `request_ids` name the sequences for `abort()`. A cancelled call aborts them."""
+        return _scored(await self.score_outputs_async(sequences, response_start, temperature,
+                                                      request_ids))
+
+    async def score_outputs_async(self, sequences: Seq[list[int]],
+                                  response_start: int | Seq[int], temperature: float = 1.0,
+                                  request_ids: Seq[str] | None = None) -> list[RequestOutput]:
+        """`score_async`'s requests as outputs: each one's log-probs, the weight versions that
+        priced them (`weight_versions`), and finish reason abort where it was aborted midway
+        (its log-probs then short)."""
         prepared, starts = self._prepare_scores(sequences, response_start, temperature)
         if request_ids is not None:
             if len(request_ids) != len(prepared):
@@ -459,7 +468,7 @@ class Engine:
         ids = self._submit(prepared, [settle(f) for f in futures], score_from=starts,
                            prefix="score")
         try:
-            return _scored(await asyncio.gather(*futures))
+            return await asyncio.gather(*futures)
         finally:
             for rid in ids:
                 if rid in self._requests:

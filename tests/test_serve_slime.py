@@ -406,6 +406,41 @@ def test_a_sample_across_an_update_lists_both_versions(server, qwen3_path, tmp_p
     asyncio.run(scenario())
 
 
+def test_prompt_logprobs_priced_after_an_update_list_its_version(qwen3_path, tmp_path):
+    """input_token_logprobs are scored after the generation ends; an update between the two
+    gave log-probs of the new weights under the old version alone (a trainer silently
+    off-policy). One sequence at a time: the scoring waits behind a long request while the
+    update lands, and the answer lists both versions."""
+    trained(qwen3_path, 26).save_pretrained(tmp_path / "step-26")
+    x = {"input_ids": PROMPTS[3], "return_logprob": True, "logprob_start_len": 0,
+         "sampling_params": {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}}
+
+    async def scenario(served):
+        async with served.async_client(timeout=120) as client:
+            old = (await client.post("/generate", json=x)).json()["meta_info"]
+            posted = asyncio.create_task(client.post("/generate", json=x))
+            await running_at_least(client, 1)
+            long = asyncio.create_task(client.post("/generate", json=slime_payload(
+                PROMPTS[4], LONG, 1)))
+            made = (await client.get("/server_info")).json()["scheduler"]["decode_tokens"]
+
+            async def scoring_waits():  # x generated its tokens, the long one runs
+                info = (await client.get("/server_info")).json()["scheduler"]
+                return info["decode_tokens"] >= made + 40 + 3
+            await until(scoring_waits, what="the long request running")
+            assert (await load(client))["num_waiting_reqs"] == 1  # x's scoring
+            reply = await client.post("/update_weights_from_disk", json={
+                "model_path": str(tmp_path / "step-26"), "weight_version": "step-26"})
+            assert reply.status_code == 200, reply.text
+            meta = (await posted).json()["meta_info"]
+            await long
+            assert meta["output_token_logprobs"] == old["output_token_logprobs"]
+            assert meta["input_token_logprobs"] != old["input_token_logprobs"]  # new weights
+            assert meta["weight_versions"] == [old["weight_version"], "step-26"]
+    with rollout_serve(qwen3_path, "--max-num-seqs", "1") as served:
+        asyncio.run(scenario(served))
+
+
 def test_update_from_disk_and_weight_version_label(server, qwen3_path, tmp_path):
     trained(qwen3_path, 24).save_pretrained(tmp_path / "step-24")
     with server.client() as client:

@@ -17,7 +17,6 @@ from integrations.http.protocol import GenerateRequest, Prompt, SglSamplingParam
 from integrations.http.server import ApiError, Server, engine_errors, item_errors
 from integrations.http.streams import gather, merge, primed, sse, unless_disconnected
 from rollout import RequestOutput, SamplingParams
-from rollout.engine import ScoringAborted
 from rollout.outputs import CompletionOutput
 
 
@@ -43,6 +42,7 @@ class Job:
         self.started = time.perf_counter()
         self.input_logprobs: list | None = None
         self.scoring_aborted = False
+        self.scoring_versions: list = []
 
     @property
     def scoring_only(self) -> bool:
@@ -141,12 +141,13 @@ class Job:
                     self.scoring_aborted = True
                     return
                 with engine_errors():
-                    try:
-                        (scored,) = await self.server.engine.score_async(
-                            [ids], max(start, 1), self.sp.temperature, request_ids=[rid])
-                    except ScoringAborted:
-                        self.scoring_aborted = True
-                        return
+                    (priced,) = await self.server.engine.score_outputs_async(
+                        [ids], max(start, 1), self.sp.temperature, request_ids=[rid])
+            priced = priced.outputs[0]
+            if priced.finish_reason == "abort":
+                self.scoring_aborted = True
+                return
+            scored, self.scoring_versions = priced.logprobs, priced.weight_versions
         logprobs = [None] * (start == 0) + scored
         self.input_logprobs = [[lp, t, self.token_text(t)]
                                for lp, t in zip(logprobs, ids[start:])]
@@ -168,8 +169,9 @@ class Job:
         meta = {"id": out.request_id, "finish_reason": finish_reason(c, len(ids)),
                 "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(ids),
                 "cached_tokens": c.cached_tokens, "weight_version": str(version),
-                # more than one: the sample's K/V and tokens came from several versions
-                "weight_versions": [str(v) for v in c.weight_versions or [version]],
+                # more than one: the sample's K/V, tokens and prompt log-probs came from
+                # several versions
+                "weight_versions": [str(v) for v in self.versions(c, version)],
                 "e2e_latency": time.perf_counter() - self.started}
         if self.req.return_logprob:
             meta["output_token_logprobs"] = [[lp, t, self.token_text(t)]
@@ -180,6 +182,15 @@ class Job:
             if self.input_logprobs is not None:
                 meta["input_token_logprobs"] = self.input_logprobs
         return {"text": text, "output_ids": ids, "meta_info": meta}
+
+    def versions(self, c: CompletionOutput, version) -> list:
+        """The sample's weight versions, then those that priced its prompt where they differ
+        (scoring runs after the generation: an update between them shows here)."""
+        versions = list(c.weight_versions or [version])
+        for v in self.scoring_versions:
+            if v != versions[-1]:
+                versions.append(v)
+        return versions
 
     def token_text(self, token_id: int) -> str | None:
         if not self.req.return_text_in_logprobs:
