@@ -714,11 +714,15 @@ class Engine:
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"pause mode {pause_mode!r} is not one of {', '.join(PAUSE_MODES)}")
         with self._control():
+            arenas = {"weights": self.runner.weights_arena, "kv_cache": self.runner.kv_arena}
+            tags = [t for t in tags if arenas[t].resident]
+            if not tags:  # released already: nothing to pause requests for
+                return
             if "weights" in tags and self.weights.txn is not None:
                 raise RuntimeError(f"an update to weight version {self.weights.txn.version} is "
                                    "open: release the weights after it commits or aborts")
             busy = self.scheduler.has_work()
-            if busy and pause_mode == "in_place" and "kv_cache" in tags:
+            if self.scheduler.running and pause_mode == "in_place" and "kv_cache" in tags:
                 raise ValueError("pause_mode='in_place' cannot keep requests across a kv_cache "
                                  "release; use 'retract' or 'abort'")
             if busy and pause_mode == "abort":
@@ -726,10 +730,10 @@ class Engine:
                     self.abort(rid)
             elif busy and pause_mode == "retract":
                 self.scheduler.retract_all()
-            if "kv_cache" in tags and self.runner.kv_arena.resident:
+            if "kv_cache" in tags:
                 self.block_manager.reset_prefix_cache()
                 self.runner.kv_arena.release(backup=False)
-            if "weights" in tags and self.runner.weights_arena.resident:
+            if "weights" in tags:
                 self.runner.weights_arena.release(backup=weights == "backup")
                 if weights == "discard":
                     self.weights.mark_discarded()

@@ -143,6 +143,21 @@ def test_in_place_cannot_keep_requests_across_a_kv_cache_release(engine):
         engine.continue_generation()
 
 
+def test_a_release_of_what_is_released_leaves_requests_alone(engine):
+    """A second release (or one of memory already given back) pauses nothing: it aborted the
+    requests the first had retracted. Requests that wait and hold no K/V may stay in place
+    across a KV cache release."""
+    expected = outputs(engine, LONG)
+    thread, box = generate_in_background(engine)
+    engine.release_memory(["weights"])  # retracted: they wait for the weights
+    engine.release_memory(["weights"], pause_mode="abort")
+    engine.release_memory(["kv_cache"], pause_mode="in_place")  # none holds K/V now
+    assert engine.memory_stats()["kv_cache"] == 0 and thread.is_alive()
+    engine.resume_memory()
+    thread.join(timeout=120)
+    assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in box["out"]] == expected
+
+
 def test_generating_after_discard_names_the_missing_update(engine, qwen3_path):
     engine.release_memory(weights="discard")
     engine.resume_memory()
