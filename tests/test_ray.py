@@ -2,6 +2,8 @@
 real trainer processes), faults, and the ray.data batch rollout."""
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -10,7 +12,7 @@ import pytest
 import ray
 
 import weight_sync
-from integrations.ray import BatchRollout, NoEngineLeftError, RolloutGroup
+from integrations.ray import BatchRollout, NoEngineLeftError, RolloutActor, RolloutGroup
 from rollout import SamplingParams
 from tests.peers import trained
 from tests.ray_helpers import ENGINE_OPTIONS, comparable, local_generate, samples
@@ -66,6 +68,16 @@ def test_the_group_takes_the_prompts_engine_generate_takes(group):
     assert samples(group.generate([np.int64(t) for t in ids], GREEDY)) == want
     with pytest.raises(ValueError, match="must be SamplingParams .or a list of them., got dict"):
         group.generate([ids], {"temperature": 0})
+
+
+def test_a_weight_update_group_never_formed_and_session_ids_as_one_string_are_refused(group):
+    with pytest.raises(ValueError, match=r"no weight update group 'synk' \(the engines are in"):
+        group.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[64]], "synk")
+    with pytest.raises(ValueError, match=r"no weight update group 'synk' \(the engines are in"):
+        group.destroy_weights_update_group("synk")
+    with pytest.raises(ValueError, match="session_ids must be a list of one session id .or "
+                                         "None. per prompt, got 'ab'"):
+        group.generate(PROMPTS[:2], GREEDY, session_ids="ab")  # not sessions "a" and "b"
 
 
 def test_sessions_stay_on_one_engine_and_async_matches(group):
@@ -173,6 +185,44 @@ def test_a_cancelled_async_request_is_aborted_on_its_engine(group):
     assert group.size == 2
 
 
+def test_one_bad_prompt_fails_the_batch_and_aborts_the_others(group):
+    """As `Engine.generate`, a batch with a bad prompt fails as a whole: its other requests
+    must not keep running (a caller who fixes the batch and retries would run them twice)."""
+    group.pause_generation("in_place")  # requests queue and wait: nothing finishes by itself
+    try:
+        with pytest.raises(ValueError, match="token id 99999 at position 1 is out of range"):
+            group.generate(PROMPTS[:3] + [[5, 99999]], LONG)
+        deadline = time.monotonic() + 10
+        while queued(group):
+            assert time.monotonic() < deadline, f"still in the engines: {group.load()}"
+            time.sleep(0.05)
+    finally:
+        group.continue_generation()
+    assert group.size == 2
+
+
+def test_generate_calls_waiting_out_a_pause_leave_the_actor_free_for_control_calls(
+        ray_session, qwen3_path):
+    """More generate and score calls than asyncio's default executor has threads wait out a
+    pause: they must hold none of them, or continue_generation never gets one (a hang)."""
+    actor = RolloutActor.options(num_cpus=0.5).remote(str(qwen3_path), **ENGINE_OPTIONS)
+    try:
+        ray.get(actor.pause_generation.remote("in_place"))
+        threads = min(32, os.cpu_count() + 4)  # asyncio's default executor
+        held = [actor.generate.remote(PROMPTS[:1], GREEDY) for _ in range(threads)]
+        scored = actor.score.remote([PROMPTS[0]], 5)
+        deadline = time.monotonic() + 30
+        while ray.get(actor.load.remote())["waiting"] < threads:
+            assert time.monotonic() < deadline, ray.get(actor.load.remote())
+            time.sleep(0.05)
+        ray.get(actor.continue_generation.remote(), timeout=30)
+        outputs = ray.get(held, timeout=60)
+        assert all(samples(o) == samples(outputs[0]) for o in outputs)
+        assert len(ray.get(scored, timeout=60)[0]) == len(PROMPTS[0]) - 5
+    finally:
+        ray.kill(actor)
+
+
 def generate_in_background(group, prompts, params, engines=(0, 1)):
     box = {}
 
@@ -190,6 +240,39 @@ def generate_in_background(group, prompts, params, engines=(0, 1)):
             return thread, box
         time.sleep(0.005)
     raise AssertionError("the engines never started generating")
+
+
+def in_background(fn, *args, **kwargs):
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(out=fn(*args, **kwargs)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_a_health_check_kills_no_engine_busy_or_paused_or_released_while_its_probe_waits(
+        ray_session, qwen3_path):
+    """The probe queues behind every waiting sequence of a busy engine: the engine is alive
+    by its progress (as SGLang's /health_generate), and one paused or released meanwhile steps
+    nothing by request. Killing them killed a healthy group during a large rollout."""
+    group = new_group(qwen3_path, max_num_seqs=2)  # 6 sequences an engine: 4 wait
+    try:
+        params = SamplingParams(temperature=1.0, seed=9, n=2, max_tokens=200, ignore_eos=True)
+        thread, box = generate_in_background(group, PROMPTS, params)
+        assert group.check_health(timeout_s=1) == [True, True]
+        for hold, let_go in [(lambda: group.pause_generation("in_place"),
+                              group.continue_generation),
+                             (group.release_memory, group.resume_memory)]:
+            checking, health = in_background(group.check_health, timeout_s=1)
+            time.sleep(0.2)  # its probes are queued
+            hold()
+            checking.join(timeout=30)
+            assert health["out"] == [True, True]
+            let_go()
+        thread.join(timeout=120)
+        assert "error" not in box and len(box["out"]) == len(PROMPTS)
+        assert {c.finish_reason for o in box["out"] for c in o.outputs} == {"length"}
+    finally:
+        group.shutdown()
 
 
 def wait_for_size(group, size: int) -> None:
@@ -225,6 +308,18 @@ def test_a_killed_engine_loses_nothing_and_replacements_restore_the_group(ray_se
         before = [s.completed for s in group.slots]
         assert samples(group.generate(PROMPTS, LONG)) == samples(local)
         assert [s.completed - b for s, b in zip(group.slots, before)] == [3, 3]
+
+        dead = group.slots[0].actor  # found dead by a health check, then replaced by hand too
+        ray.kill(dead)
+        assert group.check_health(timeout_s=10) == [False, True]
+        deadline = time.monotonic() + 60
+        while group.slots[0].actor == dead:  # the automatic replacement started
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        automatic = group.slots[0].actor
+        group.replace(0)  # answers the same death: waits for it, does not kill it
+        assert group.slots[0].actor == automatic and group.size == 2
+        assert group.weights_checksum() == [checksum, checksum]
     finally:
         group.shutdown()
 
@@ -244,6 +339,8 @@ def test_an_engine_replaced_while_the_memory_is_released_joins_with_the_groups_w
         assert group.size == 1 and "waiting for resume_memory()" in group.slots[1].error
         stats = ray.get(group.slots[1].actor.memory_stats.remote())
         assert stats["weights"] == 0 and stats["kv_cache"] == 0
+        group.resume_memory([])  # no tag: nothing comes back (as for the engine), none joins
+        assert group.size == 1 and "waiting for resume_memory()" in group.slots[1].error
         group.resume_memory()
         assert group.size == 2 and group.weight_versions() == [9, 9]
         assert group.weights_checksum() == [checksum, checksum]
@@ -279,6 +376,28 @@ def test_an_engine_replaced_while_the_memory_is_released_joins_with_the_groups_w
         checksum = weight_sync.checksum(model.named_parameters())
         assert group.weights_checksum() == [checksum, checksum]
         group.resume_memory()
+    finally:
+        group.shutdown()
+
+
+def test_a_replacement_while_released_copies_weights_updated_through_the_engine_handles(
+        ray_session, qwen3_path):
+    """Weights a trainer updated through the engines' own handles are not the checkpoint: a
+    replacement made while they are released waits for them, as after an update of the group
+    (it joined with the checkpoint, and the group served two weight sets)."""
+    group = new_group(qwen3_path)
+    try:
+        model = trained(qwen3_path, 9)
+        named = [(n, t.detach()) for n, t in model.named_parameters()]
+        assert ray.get([e.update_weights.remote(named, 9) for e in group.engines]) == [9, 9]
+        group.release_memory()
+        group.replace(1)
+        assert group.slots[1].describe() == ("engine 1 (waiting for resume_memory() to copy the "
+                                             "group's weights)")
+        group.resume_memory()
+        checksum = weight_sync.checksum(model.named_parameters())
+        assert group.weight_versions() == [9, 9]
+        assert group.weights_checksum() == [checksum, checksum]
     finally:
         group.shutdown()
 
@@ -371,6 +490,29 @@ def test_an_engine_an_update_broke_on_takes_no_work_until_the_next_update(ray_se
         group.shutdown()
 
 
+def test_a_replacement_copies_a_whole_engine_not_one_an_update_broke_on(ray_session,
+                                                                        qwen3_path):
+    """The group learns that an engine's weights are incomplete only when it refuses work: a
+    replacement asks each engine and copies one whose weights are complete."""
+    group = RolloutGroup(str(qwen3_path), 3, num_cpus_per_engine=0.3, **ENGINE_OPTIONS)
+    try:
+        checksum = group.weights_checksum()[0]
+        address = ray.get(group.slots[0].actor.start_weight_receiver.remote())
+        named = {n: t.detach() for n, t in trained(qwen3_path, 10).named_parameters()}
+        with weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as sender:
+            sender.send_bucket(named, sender.begin(named, 10)[0])
+            with pytest.raises(weight_sync.WeightUpdateError, match="never arrived"):
+                sender.commit()  # engine 0's weights are incomplete; the group does not know
+        group.replace(1)
+        assert ray.get(group.slots[1].actor.weights_state.remote()) == "complete"
+        assert ray.get(group.slots[1].actor.weights_checksum.remote()) == checksum
+        local = local_generate(qwen3_path, PROMPTS, GREEDY)
+        assert comparable(group.generate(PROMPTS, GREEDY)) == comparable(local)
+        assert group.slots[0].completed == 0 and group.slots[1].completed > 0
+    finally:
+        group.shutdown()
+
+
 def test_a_replacement_copies_what_a_trainer_sent_the_engines_directly(ray_session, qwen3_path):
     """A trainer sending to each engine over ZMQ changes weights and memory unseen by the group:
     a replacement copies what its donor holds once an update open on it has ended, releases
@@ -423,7 +565,12 @@ def test_a_hung_engine_is_caught_by_the_health_check_and_none_left_fails_naming_
         model = trained(qwen3_path, 10)
         group.update_weights(model.named_parameters(), version=10)
         local = local_generate(qwen3_path, PROMPTS, LONG, model.named_parameters(), version=10)
-        ray.get(group.slots[1].actor.pause_generation.remote("in_place"))  # stuck, still alive
+        engine = group.slots[1].actor
+        ray.get(engine.pause_generation.remote("in_place"))  # by request: steps nothing, alive
+        assert group.check_health(timeout_s=1) == [True, True]
+        ray.get(engine.continue_generation.remote())
+        pid = ray.get(engine.__ray_call__.remote(lambda actor: os.getpid()))
+        os.kill(pid, signal.SIGSTOP)  # hung: its process answers nothing
         thread, box = generate_in_background(group, PROMPTS, LONG, engines=[0])
         assert group.check_health(timeout_s=2) == [True, False]
         assert "died: " in group.slots[1].error and "Timeout" in group.slots[1].error

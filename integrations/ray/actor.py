@@ -1,14 +1,16 @@
 """The engine as an async Ray actor.
 
 `RolloutActor.options(num_cpus=..., num_gpus=..., scheduling_strategy=...).remote(model, ...)`
-starts one; its handle offers the engine's methods. Blocking engine calls (weight updates,
-memory) run on a worker thread, so generation requests keep flowing into the engine while they
-wait; the engine itself lets control calls in between two steps.
+starts one; its handle offers the engine's methods. Generation and scoring go through the
+engine's async API and hold no thread while they wait (out a pause, say); blocking engine calls
+(weight updates, memory, pause) run on a worker thread, so generation requests keep flowing into
+the engine while they wait; the engine itself lets control calls in between two steps.
 """
 
 import asyncio
+import numbers
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import ray
 import torch
@@ -18,6 +20,41 @@ from rollout import Engine, RequestOutput, SamplingParams
 from weight_sync import DEFAULT_BUCKET_BYTES, ZmqWeightSender
 
 HEALTH_PROBE = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=False)
+
+Prompt = str | list[int]
+
+
+def as_batch(prompts: Prompt | Sequence[Prompt],
+             sampling_params: SamplingParams | Sequence[SamplingParams | None] | None
+             ) -> tuple[list[Prompt], list[SamplingParams | None]]:
+    """The prompts and one sampling params per prompt, as `Engine.generate` takes them: one
+    prompt (a string or token ids) or several; one params (or None) or one per prompt."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and isinstance(prompts[0], numbers.Integral)):
+        prompts = [prompts]  # one prompt of token ids
+    prompts = list(prompts)
+    if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+        sampling_params = [sampling_params] * len(prompts)
+    if not all(p is None or isinstance(p, SamplingParams) for p in sampling_params):
+        raise ValueError(f"sampling params must be SamplingParams (or a list of them), got "
+                         f"{type(sampling_params).__name__}")
+    if len(sampling_params) != len(prompts):
+        raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} "
+                         "prompts; pass one, or one per prompt")
+    return prompts, list(sampling_params)
+
+
+async def gather_or_cancel(calls: Iterable[Awaitable]) -> list:
+    """`asyncio.gather`, except that the first failure cancels the other calls (a cancelled
+    request is aborted on its engine) and waits for them to end before it is raised."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class EngineActor:
@@ -30,6 +67,7 @@ class EngineActor:
         torch.set_num_threads(torch_threads)
         self.engine = Engine(model, **engine_options)
         self._receiver_address: str | None = None
+        self._paused = False  # by pause_generation: the engine steps nothing, by request
 
     @staticmethod
     async def _blocking(fn: Callable, *args, **kwargs):
@@ -38,9 +76,11 @@ class EngineActor:
     # ---------------------------------------------------------------- generation
 
     async def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
-        """`Engine.generate`: the prompts enter the engine together; outputs in input order."""
-        return await self._blocking(self.engine.generate, prompts, sampling_params,
-                                    use_tqdm=False)
+        """What `Engine.generate` returns, in input order; where one prompt fails, the others
+        are aborted."""
+        prompts, params = as_batch(prompts, sampling_params)
+        return await gather_or_cancel(self.engine.generate_async(p, sp)
+                                      for p, sp in zip(prompts, params))
 
     async def generate_one(self, prompt: str | list[int],
                            sampling_params: SamplingParams | None = None,
@@ -50,16 +90,18 @@ class EngineActor:
 
     async def score(self, sequences: Sequence[list[int]], response_start: int | Sequence[int],
                     temperature: float = 1.0) -> list[list[float]]:
-        return await self._blocking(self.engine.score, sequences, response_start, temperature)
+        return await self.engine.score_async(sequences, response_start, temperature)
 
     async def abort(self, request_id: str) -> bool:
         return await self._blocking(self.engine.abort, request_id)
 
     async def pause_generation(self, mode: str = "abort") -> None:
         await self._blocking(self.engine.pause_generation, mode)
+        self._paused = True
 
     async def continue_generation(self) -> None:
         await self._blocking(self.engine.continue_generation)
+        self._paused = False
 
     # ---------------------------------------------------------------- weights
 
@@ -142,20 +184,35 @@ class EngineActor:
     # ---------------------------------------------------------------- health and load
 
     async def health(self, timeout_s: float = 30.0) -> float | None:
-        """Seconds a one-token generation took; raises TimeoutError past `timeout_s`, and the
-        engine's refusal where it takes no work (incomplete weights). While a weight update is
-        open the engine steps nothing until it ends (a transport's own timeout ends a stalled
-        one), so the answer alone shows it alive: None (no generation was tried)."""
-        if engine_state.updating(self.engine):
+        """Seconds until the engine showed progress: a one-token generation, or (as SGLang's
+        /health_generate) an engine step begun and ended while the probe waited behind busy
+        work. Raises TimeoutError past `timeout_s`, and the engine's refusal where it takes no
+        work (incomplete weights). None where the engine steps nothing by request, so the
+        answer alone shows it alive: a weight update open (a transport's own timeout ends a
+        stalled one), generation paused or memory released."""
+        if self._idle():
             return None
-        start = time.monotonic()
+        stats, start = self.engine.scheduler.stats, time.monotonic()
+        steps = stats.steps
+        probe = asyncio.ensure_future(self.engine.generate_async([0], HEALTH_PROBE))
         try:
-            await asyncio.wait_for(self.engine.generate_async([0], HEALTH_PROBE), timeout_s)
-        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
-            if engine_state.updating(self.engine):  # the update opened while the probe waited
-                return None
-            raise
+            while not probe.done():
+                if stats.steps > steps + 1:  # a step began and ended after the probe arrived
+                    return time.monotonic() - start
+                if time.monotonic() - start > timeout_s:
+                    if self._idle():  # paused, released or updating while the probe waited
+                        return None
+                    raise TimeoutError(f"no engine step in {timeout_s:g} s")
+                await asyncio.wait({probe}, timeout=0.02)
+            probe.result()
+        finally:
+            probe.cancel()  # still queued: aborted
         return time.monotonic() - start
+
+    def _idle(self) -> bool:
+        """The engine steps nothing by request: an update open, paused, or memory released."""
+        released = any(self.engine.memory_stats()["released"].values())
+        return engine_state.updating(self.engine) or self._paused or released
 
     async def load(self) -> dict[str, int]:
         """Sequences running and waiting in this engine."""

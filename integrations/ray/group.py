@@ -3,14 +3,15 @@ nodes).
 
 Routing: all `n` samples of a prompt go to one engine (they share its prefix cache); otherwise
 the engine with the fewest samples in flight, lowest index first; a `session_id` keeps a
-conversation on one engine. An engine that dies (Ray's actor errors, or a health check whose
-one-token generation times out) stops taking work, and its unfinished requests run again on a
-healthy engine: determinism makes the result identical. With no engine left, the request fails
-with an error naming the dead engines. An engine that answers that its weights are incomplete
-(an update that broke on it) takes no requests while another engine can, until an update commits
-on it or a health check finds it whole again. `replace(i)` starts a new engine that takes no
-work until it holds the group's weights (copied from a healthy engine over ZMQ, checksums
-compared).
+conversation on one engine; where one request of a batch fails, the others are aborted. An engine
+that dies (Ray's actor errors, or a health check that sees it make no progress in time while it
+is neither paused, released nor updating) stops taking work, and its unfinished requests run
+again on a healthy engine: determinism makes the result identical. With no engine left, the
+request fails with an error naming the dead engines. An engine that answers that its weights are
+incomplete (an update that broke on it) takes no requests while another engine can, until an
+update commits on it or a health check finds it whole again. `replace(i)` starts a new engine
+that takes no work until it holds the group's weights (copied from a healthy engine over ZMQ,
+checksums compared).
 
 The group's bookkeeping lives on one asyncio loop in a background thread; the synchronous
 methods submit to it and wait, `generate_async` awaits it from the caller's loop.
@@ -19,7 +20,6 @@ methods submit to it and wait, `generate_async` awaits it from the caller's loop
 import asyncio
 import concurrent.futures
 import logging
-import numbers
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -32,7 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from integrations.ray.actor import RolloutActor
+from integrations.ray.actor import Prompt, RolloutActor, as_batch, gather_or_cancel
 from rollout import RequestOutput, SamplingParams
 from rollout.engine import MEMORY_TAGS
 from rollout.weights import IncompleteWeightsError
@@ -41,8 +41,6 @@ from weight_sync import DEFAULT_BUCKET_BYTES, split_address
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 log = logging.getLogger(__name__)
-
-Prompt = str | list[int]
 
 
 class NoEngineLeftError(RuntimeError):
@@ -60,6 +58,7 @@ class EngineSlot:
     waiting: bool = False  # a replacement waiting for the group's weights to come back
     refusing: str | None = None  # alive, but answered that its weights are incomplete
     collectives: set[str] = field(default_factory=set)  # weight update groups it joined
+    generation: int = 0  # engines started in this slot: which one a death was seen on
 
     def describe(self) -> str:
         state = "ready" if self.ready else self.error or "starting"
@@ -96,6 +95,7 @@ class RolloutGroup:
         self._paused = False
         self._released: set[str] = set()
         self._updated = False  # weights changed since the checkpoint: replacements copy them
+        self._auto_replacing: dict[int, asyncio.Task] = {}  # slot index: its replacement
         self._receiver_timeout_s: float | None = None  # ZMQ receivers started: replacements too
         # replacements, updates and memory/pause changes take turns: each sees the group's state
         # (released, paused, members, weights) as the one before it left it
@@ -167,35 +167,35 @@ class RolloutGroup:
         ray.kill(slot.actor, no_restart=True)
         log.warning("rollout group: %s; its requests go to the other engines", slot.describe())
         if self.auto_replace and any(s.ready for s in self.slots):
-            self._loop.create_task(self._auto_replace(slot.index))
+            self._auto_replacing[slot.index] = self._loop.create_task(
+                self._auto_replace(slot.index, slot.generation))
 
-    async def _auto_replace(self, index: int) -> None:
+    async def _auto_replace(self, index: int, generation: int) -> None:
         try:
-            await self._replace(index)
+            await self._replace(index, generation)
         except Exception as e:
             log.error("rollout group: replacing engine %d failed: %s", index, e)
+        finally:
+            if self._auto_replacing.get(index) is asyncio.current_task():
+                del self._auto_replacing[index]
 
     # ---------------------------------------------------------------- generation
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  session_ids: Sequence[str | None] | None = None) -> list[RequestOutput]:
-        """What `Engine.generate` returns, in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and isinstance(prompts[0], numbers.Integral)):
-            prompts = [prompts]  # one prompt of token ids, as Engine.generate takes it
-        prompts = list(prompts)
-        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            sampling_params = [sampling_params] * len(prompts)
-        if not all(p is None or isinstance(p, SamplingParams) for p in sampling_params):
-            raise ValueError(f"sampling params must be SamplingParams (or a list of them), got "
-                             f"{type(sampling_params).__name__}")
+        """What `Engine.generate` returns, in input order. Where one prompt fails, the others
+        are aborted and its error raised."""
+        prompts, sampling_params = as_batch(prompts, sampling_params)
+        if isinstance(session_ids, str) or not isinstance(session_ids, Iterable | None):
+            raise ValueError(f"session_ids must be a list of one session id (or None) per "
+                             f"prompt, got {session_ids!r}; for one conversation pass "
+                             f"[{session_ids!r}] * len(prompts)")
         sessions = [None] * len(prompts) if session_ids is None else list(session_ids)
-        for what, values in (("sampling params", sampling_params), ("session ids", sessions)):
-            if len(values) != len(prompts):
-                raise ValueError(f"got {len(values)} {what} for {len(prompts)} prompts; pass "
-                                 "one per prompt")
-        return self._wait(self._gather(prompts, list(sampling_params), sessions))
+        if len(sessions) != len(prompts):
+            raise ValueError(f"got {len(sessions)} session ids for {len(prompts)} prompts; pass "
+                             "one per prompt")
+        return self._wait(self._gather(prompts, sampling_params, sessions))
 
     async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                              session_id: str | None = None) -> RequestOutput:
@@ -207,8 +207,8 @@ class RolloutGroup:
             self._request(prompt, sampling_params, session_id)))
 
     async def _gather(self, prompts, params, sessions) -> list[RequestOutput]:
-        return await asyncio.gather(*(self._request(p, sp, sid)
-                                      for p, sp, sid in zip(prompts, params, sessions)))
+        return await gather_or_cancel(self._request(p, sp, sid)
+                                      for p, sp, sid in zip(prompts, params, sessions))
 
     def _pick(self, session_id: str | None) -> EngineSlot:
         """The session's engine, else the least loaded; engines refusing work (incomplete
@@ -401,6 +401,7 @@ class RolloutGroup:
 
     async def _broadcast(self, group_name: str, call) -> list[int | str]:
         async with self._turn:
+            self._check_collective(group_name)
             outside = [s.index for s in self._ready_slots() if group_name not in s.collectives]
             gone = [s.index for s in self.slots if not s.ready and group_name in s.collectives]
             lost = ([f"engines {outside} are not in it (replaced)"] if outside else []) + (
@@ -420,10 +421,8 @@ class RolloutGroup:
             for slot in self.slots:
                 if not slot.ready:
                     slot.collectives.discard(group_name)  # dead or replaced: no longer a member
+            self._check_collective(group_name)
             members = [s for s in self._ready_slots() if group_name in s.collectives]
-            if not members:
-                raise ValueError(f"no engine of the group is in weight update group "
-                                 f"{group_name!r}")
             slots, results = await self._call_each(
                 lambda k, a: a.destroy_weights_update_group.remote(group_name), members)
             for slot, result in zip(slots, results):
@@ -434,6 +433,14 @@ class RolloutGroup:
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
                 raise errors[0]
+
+    def _check_collective(self, group_name: str) -> None:
+        """Refuse a weight update group no engine of the group is in."""
+        known = set().union(*(s.collectives for s in self.slots))
+        if group_name not in known:
+            raise ValueError(f"no weight update group {group_name!r} (the engines are in: "
+                             f"{', '.join(map(repr, sorted(known))) or 'none'}); "
+                             "init_weights_update_group() forms one")
 
     def weights_checksum(self) -> list[str]:
         """Every ready engine's checksum, in engine order."""
@@ -478,9 +485,11 @@ class RolloutGroup:
     # ---------------------------------------------------------------- faults
 
     def check_health(self, timeout_s: float | None = None) -> list[bool]:
-        """Probe every ready engine (a one-token generation; a ping while the group is paused
-        or released). An engine that fails or exceeds `timeout_s` is killed and taken out of
-        service, its requests rerouted. Returns, per slot, whether it is ready afterwards."""
+        """Probe every ready engine (a one-token generation, or a step of its work completed
+        while the probe waited; a ping while the group is paused or released). An engine that
+        fails or shows no progress in `timeout_s`, though not paused, released or updating,
+        is killed and taken out of service, its requests rerouted. Returns, per slot, whether
+        it is ready afterwards."""
         return self._wait(self._check_all(timeout_s or self.health_timeout_s))
 
     async def _check_all(self, timeout_s: float) -> list[bool]:
@@ -496,7 +505,8 @@ class RolloutGroup:
             generated = await asyncio.wait_for(probe, timeout_s + 1.0)
             if not idle and generated is not None:  # a token came: the weights are whole
                 slot.refusing = None
-        except (RayActorError, TimeoutError) as e:  # TimeoutError: here or in the actor
+        # TimeoutError: here or in the actor (asyncio's is another class before Python 3.11)
+        except (RayActorError, TimeoutError, asyncio.TimeoutError) as e:
             self._lost(slot, e)  # killed: its pending calls fail and are rerouted
         except RayTaskError as e:  # it answered: alive, but refusing work
             if _refuses(e):
@@ -511,20 +521,35 @@ class RolloutGroup:
             await self._check_all(self.health_timeout_s)
 
     def replace(self, index: int) -> None:
-        """Start a new engine in slot `index` (the old one is killed if still alive). It takes
-        work once it holds the group's weights: copied from a ready engine, checksums equal.
+        """Start a new engine in slot `index` (the old one is killed if still alive; where an
+        automatic replacement of it is under way, wait for that instead). It takes work once it
+        holds the group's weights: copied from a ready engine whose weights are complete,
+        checksums equal.
         While the group's weights are released (backed up, after an update), it waits with its
         memory released and copies them in `resume_memory` or after the next update; while they
         are discarded, it joins empty and takes the next update."""
         if not 0 <= index < len(self.slots):
             raise ValueError(f"engine index {index} is outside the group of {len(self.slots)}")
-        self._wait(self._replace(index))
+        self._wait(self._replace_by_hand(index))
 
-    async def _replace(self, index: int) -> None:
+    async def _replace_by_hand(self, index: int) -> None:
+        """An automatic replacement of this slot under way answers the death the caller saw:
+        wait for it rather than kill its new engine; replace once more only if it failed."""
+        auto = self._auto_replacing.get(index)
+        if auto is not None:
+            await asyncio.shield(auto)  # it logs its own failure
+            if self.slots[index].ready:
+                return
+        await self._replace(index)
+
+    async def _replace(self, index: int, generation: int | None = None) -> None:
+        """`generation`: replace only the engine started as that one (an automatic replacement
+        does nothing where another replaced the dead engine meanwhile)."""
         async with self._turn:
             slot = self.slots[index]
+            if generation is not None and slot.generation != generation:
+                return
             donors = [s for s in self.slots if s.ready and s is not slot]
-            donors.sort(key=lambda s: s.refusing is not None)  # whole weights first
             if not donors and self._updated:  # refused before the old engine is killed
                 raise NoEngineLeftError(f"engine {index} cannot be replaced: no engine of the "
                                         "group holds its current weights besides it; update "
@@ -535,8 +560,9 @@ class RolloutGroup:
             slot.refusing = None
             slot.collectives.clear()
             slot.actor = self._start(index)
+            slot.generation += 1
             try:
-                await self._install(slot, donors[0] if donors else None)
+                await self._install(slot, *await self._donor(donors))
                 if self._receiver_timeout_s is not None:
                     address = await slot.actor.start_weight_receiver.remote(
                         None, self._receiver_timeout_s)
@@ -547,10 +573,22 @@ class RolloutGroup:
                 self._drop(slot, f"replacement failed: {_first_line(e)}")
                 raise
 
-    async def _install(self, slot: EngineSlot, donor: EngineSlot | None) -> None:
-        """Give a new engine the group's weights, as the donor holds them (after an update open
-        on it, a trainer's sent to it directly, has ended), and its memory as the donor's is."""
-        state = await self._settled(donor) if donor else "checkpoint"
+    async def _donor(self, donors: list[EngineSlot]) -> tuple[EngineSlot | None, str]:
+        """The engine to copy the group's weights from and their state, once no update is open
+        on it (a trainer's sent to it directly): the first whose weights are complete, else one
+        whose are released (backed up), else one whose are incomplete (an update fills them);
+        (None, "checkpoint") without donors."""
+        states = []
+        for donor in sorted(donors, key=lambda s: s.refusing is not None):
+            state = await self._settled(donor)
+            if state == "complete":
+                return donor, state
+            states.append((donor, state))
+        return min(states, key=lambda ds: ds[1] != "released", default=(None, "checkpoint"))
+
+    async def _install(self, slot: EngineSlot, donor: EngineSlot | None, state: str) -> None:
+        """Give a new engine the group's weights as the donor holds them (`state`), and its
+        memory as the donor's is."""
         if donor is not None:  # a direct update takes released weights back unseen by the group
             stats = await donor.actor.memory_stats.remote()
             self._released = {tag for tag, nbytes in stats["released"].items() if nbytes}
@@ -564,13 +602,23 @@ class RolloutGroup:
             await slot.actor.update_weight_version.remote(
                 await donor.actor.weight_version.remote())
             slot.refusing = donor.refusing
-        elif state == "released" and self._updated:  # the group's weights are in its backups
+        elif state == "released" and await self._changed(donor, slot):  # in the backups
             await slot.actor.release_memory.remote(None, "discard")
             slot.waiting = True
             slot.error = "waiting for resume_memory() to copy the group's weights"
             return
         # else the group holds the checkpoint (this engine's weights)
         await self._match_group(slot)
+
+    async def _changed(self, donor: EngineSlot, slot: EngineSlot) -> bool:
+        """Whether the group's weights may differ from the checkpoint a new engine loads:
+        updated through the group, or the donor's version is not the new engine's (updated
+        through the engines' own handles)."""
+        if self._updated:
+            return True
+        versions = await asyncio.gather(donor.actor.weight_version.remote(),
+                                        slot.actor.weight_version.remote())
+        return versions[0] != versions[1]
 
     async def _settled(self, donor: EngineSlot) -> str:
         """The donor's weights state once no update is open on it (a transport ends a stalled
@@ -587,11 +635,12 @@ class RolloutGroup:
         """Replacements that waited for the group's weights to come back copy them and join."""
         failed = []
         for slot in [s for s in self.slots if s.waiting]:
-            slot.waiting = False
             try:
+                donor, state = await self._donor(self._ready_slots())
+                if state != "complete":
+                    continue  # no engine holds the group's weights again yet: it waits on
+                slot.waiting = False
                 await slot.actor.resume_memory.remote(sorted(set(MEMORY_TAGS) - self._released))
-                donor = min(self._ready_slots(), key=lambda s: s.refusing is not None)
-                await self._settled(donor)
                 await self._copy_weights(donor, slot)
                 await self._match_group(slot)
             except Exception as e:
@@ -640,7 +689,9 @@ class RolloutGroup:
 
 
 def _tag_set(tags: Sequence[str] | str | None) -> set[str]:
-    return {tags} if isinstance(tags, str) else set(tags or MEMORY_TAGS)
+    """The memory tags a call names: None is all of them, an empty list none (as the engine
+    takes them)."""
+    return {tags} if isinstance(tags, str) else set(MEMORY_TAGS if tags is None else tags)
 
 
 def _refuses(error: RayTaskError) -> bool:
