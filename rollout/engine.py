@@ -506,7 +506,11 @@ class Engine:
         """Yield the request's output after every step that adds tokens; the last is final."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        prepared = self._prepare(prompt, sampling_params, request_id)
+        if isinstance(prompt, str):  # a long text takes seconds to tokenize: not on the loop
+            prepared = await asyncio.to_thread(self._prepare, prompt, sampling_params,
+                                               request_id)
+        else:
+            prepared = self._prepare(prompt, sampling_params, request_id)
 
         def on_update(output, error):
             loop.call_soon_threadsafe(queue.put_nowait, (output, error))

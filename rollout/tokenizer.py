@@ -23,7 +23,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
             tok = FastTokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise ValueError(f"{str(path / 'tokenizer.json')!r} does not load: {e}") from None
-        return Tokenizer(lambda text: tok.encode(text).ids,
+        # encode_batch lets go of the GIL while it works (encode holds it: seconds for a long
+        # text, when every other thread of the process waits)
+        return Tokenizer(lambda text: tok.encode_batch([text])[0].ids,
                          lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),
                          tok.get_vocab_size())
     if (path / "tokenizer_config.json").is_file():

@@ -2,11 +2,13 @@
 nothing, and a schema-driven fuzz run over /openapi.json finds no 5xx; the server serves on,
 with the same answers as before."""
 
+import asyncio
 import base64
 import os
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 from tests.serving import env, rollout_serve
@@ -144,6 +146,31 @@ def test_a_lone_surrogate_in_any_string_is_a_400_and_the_server_serves_on(server
             assert f"{field} is not valid Unicode text" in reply.json()["message"]
         assert client.post("/generate", json=GREEDY).json()["output_ids"] == before["output_ids"]
         assert client.get("/server_info").status_code == 200
+
+
+def test_a_long_text_is_tokenized_off_the_servers_loop(server):
+    """Tokenizing a text prompt of megabytes takes seconds; on the event loop it held every
+    other client for them (a review saw /health wait 21.8 s behind a 16 MB text)."""
+    text = "hello world " * 400_000  # ~5 MB: refused for length once tokenized
+
+    async def scenario():
+        async with server.async_client() as client:
+            posts = [asyncio.create_task(client.post("/generate", json=body)) for body in (
+                {"text": text, "sampling_params": {"max_new_tokens": 1}},
+                {"text": text, "return_logprob": True, "logprob_start_len": 0})]
+            await asyncio.sleep(0.3)  # the request is in, its text being tokenized
+            gaps = []
+            while not all(p.done() for p in posts):
+                start = time.monotonic()
+                assert (await client.get("/health")).status_code == 200
+                gaps.append(time.monotonic() - start)
+                await asyncio.sleep(0.05)
+            for post in posts:
+                reply = await post
+                assert reply.status_code == 400 and "exceeds" in reply.json()["message"]
+            return gaps
+    gaps = asyncio.run(scenario())
+    assert gaps and max(gaps) < 1.0, gaps
 
 
 class RunsCode:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from integrations.http.protocol import GenerateRequest, Prompt, SglSamplingParams
@@ -53,11 +54,11 @@ class Job:
         start = self.req.logprob_start_len
         return self.req.return_logprob and start is not None and start >= 0
 
-    def check_logprob_start(self) -> None:
+    async def check_logprob_start(self) -> None:
         """Before any generation: logprob_start_len must fall inside the prompt."""
         if not self.wants_input_logprobs:
             return
-        length = len(self.server.token_ids(self.prompt))
+        length = len(await run_in_threadpool(self.server.token_ids, self.prompt))
         if self.req.logprob_start_len >= length:
             raise ApiError(400, f"logprob_start_len ({self.req.logprob_start_len}) must be below "
                                 f"the prompt length ({length})", "logprob_start_len")
@@ -76,7 +77,7 @@ class Job:
         return item_errors(self.where)
 
     async def _run(self) -> list[dict]:
-        self.check_logprob_start()
+        await self.check_logprob_start()
         if self.scoring_only:
             out = self.empty_output()
         else:
@@ -86,7 +87,7 @@ class Job:
         return [self.render(out, c) for c in out.outputs]
 
     async def _stream(self) -> AsyncIterator[tuple[int, dict]]:
-        self.check_logprob_start()
+        await self.check_logprob_start()
         if self.scoring_only:
             out = self.empty_output()
             await self.score_prompt(out)
