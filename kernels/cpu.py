@@ -81,10 +81,12 @@ def packed_mm(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
 
 
-def _packed_weight(w_t: torch.Tensor) -> torch.Tensor:
-    key = (w_t.data_ptr(), tuple(w_t.shape), w_t.stride(), w_t.dtype)
+def _packed_weight(w_t: torch.Tensor, pack=None) -> torch.Tensor:
+    """w_t's packed copy (oneDNN's, or `pack`'s), made on first use."""
+    pack = pack or _pack
+    key = (w_t.data_ptr(), tuple(w_t.shape), w_t.stride(), w_t.dtype, pack.__name__)
     if key not in _packed:
-        _packed[key] = _pack(w_t)
+        _packed[key] = pack(w_t)
     return _packed[key]
 
 
@@ -121,6 +123,7 @@ def owned_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def reset() -> None:
     """Forget every plan and verdict (for tests that swap the BLAS calls)."""
     _plans.clear()
+    _amx_tiles.clear()
     _ones.clear()
     _packed.clear()
     invariance.reset()
@@ -248,15 +251,88 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, w_t: torch.Tensor, op: str = "matmul") -> torch.Tensor:
     """x [M, K] @ w_t [K, N]; each output row depends only on its input row."""
+    if _amx(x, w_t):
+        return _amx_mm(x.contiguous(), w_t, amx_pack(w_t))
     return _tiled_mm(x.contiguous(), w_t, mm_plan(w_t, op))
 
 
 def weight_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """`matmul` for the engine's own weights (fixed until `forget_packed`): through a packed
     copy of w_t where its plan proved the packed call gives the same bits."""
+    if _amx(x, w_t):
+        return _amx_mm(x.contiguous(), w_t, _packed_weight(w_t, amx_pack))
     plan = mm_plan(w_t, "linear")
     packed = _packed_weight(w_t) if plan.twin else None
     return _tiled_mm(x.contiguous(), w_t, plan, packed)
+
+
+# ---------------------------------------------------------------- bfloat16 linears on AMX
+#
+# Where the CPU has AMX tiles (Intel Xeon since Sapphire Rapids), bfloat16 linears run
+# kernels/native.c's `amx_linear`, whose order per row is its own (K in chunks of 1024 products
+# summed by the tiles from zero, the chunks' sums added in order): every row count takes the one
+# kernel, fastest at decode's few rows. oneDNN's AMX kernels sum in that order too at some large
+# row counts; row tiles of AMX_BIG_TILES where a proof (`invariance.agreeing_tiles`) saw its call
+# give the kernel's bits take the whole tiles of a long prefill chunk, where oneDNN is faster.
+
+AMX_BIG_TILES = (512, 1024, 2048)
+_amx_tiles: dict[tuple, tuple[tuple[int, ...], invariance.Verdict]] = {}
+
+
+def _amx(x: torch.Tensor, w_t: torch.Tensor) -> bool:
+    return (x.dtype == w_t.dtype == torch.bfloat16 and x.device.type == w_t.device.type == "cpu"
+            and w_t.shape[1] >= DNN_MIN_COLUMNS and native.amx() is not None)
+
+
+def amx_pack(w_t: torch.Tensor) -> torch.Tensor:
+    """w_t [K, N] in the AMX kernel's tile layout."""
+    k, n = w_t.shape
+    out = torch.empty(-(-n // 16) * -(-k // 32) * 512, dtype=torch.bfloat16)
+    native.amx().amx_pack(w_t.data_ptr(), k, n, *w_t.stride(), out.data_ptr(),
+                          torch.get_num_threads())
+    return out
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] (rows contiguous) @ the packed w_t, [M, N], in the kernel's order."""
+    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    if native.amx().amx_linear(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+                               packed.data_ptr(), n, out.data_ptr(), n, torch.get_num_threads()):
+        raise MemoryError(f"no memory for the AMX kernel's copy of {x.shape[0]} rows")
+    return out
+
+
+def _amx_decided(w_t: torch.Tensor) -> tuple[tuple[int, ...], invariance.Verdict]:
+    """The AMX_BIG_TILES whose oneDNN call gives the kernel's bits, largest first, proven once
+    per (shape, strides, alignment, threads)."""
+    key = (tuple(w_t.shape), w_t.stride(), w_t.data_ptr() % 64, torch.get_num_threads())
+    if key not in _amx_tiles:
+        def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return amx_linear(a, amx_pack(b), b.shape[1])
+        # a vocabulary's projection mostly takes few rows (one per sequence and step): its
+        # oneDNN tiles, seconds each to try, are not worth proving
+        wide = w_t.numel() > invariance.LARGE_OPERAND
+        tiles = () if wide else invariance.agreeing_tiles(torch.mm, reference, w_t,
+                                                          AMX_BIG_TILES)
+        tiles = tuple(sorted(tiles, reverse=True))
+        big = f"; oneDNN row tiles of {', '.join(map(str, tiles))} agree" if tiles else ""
+        _amx_tiles[key] = tiles, invariance.record(
+            "linear", _shape_label(*w_t.shape), w_t.dtype,
+            f"owned order per row (kernels/native.c, AMX tiles){big}", True)
+    return _amx_tiles[key]
+
+
+def _amx_mm(x: torch.Tensor, w_t: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w_t: whole proven oneDNN tiles (the largest that fit first), the rest
+    through the kernel."""
+    parts, start = [], 0
+    for tile in _amx_decided(w_t)[0]:
+        while x.shape[0] - start >= tile:
+            parts.append(torch.mm(x[start:start + tile], w_t))
+            start += tile
+    if start < x.shape[0]:
+        parts.append(amx_linear(x[start:], packed, w_t.shape[1]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def prepare(linears, row_lengths, head_dim: int, split: int,
@@ -267,7 +343,11 @@ def prepare(linears, row_lengths, head_dim: int, split: int,
     verdicts = []
     for w, splits in linears:
         parts = [w] if splits is None else composite.weight_parts(w, splits)
-        verdicts += [_mm_decided(part.t(), "linear")[1] for part in parts]
+        for w_t in (part.t() for part in parts):
+            if _amx(w_t, w_t):
+                verdicts.append(_amx_decided(w_t)[1])
+            else:
+                verdicts.append(_mm_decided(w_t, "linear")[1])
     for n in row_lengths:
         if native.library() is not None:
             verdicts.append(invariance.record("row_sum", f"N={n}", torch.float32,

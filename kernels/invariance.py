@@ -277,6 +277,29 @@ def prove_tiles(product: Product, like: torch.Tensor,
     return Plan(tiles, _costs(run, probe, tiles), all(agrees[t] for t in tiles))
 
 
+def agreeing_tiles(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   like: torch.Tensor, candidates: tuple[int, ...]) -> tuple[int, ...]:
+    """The candidate row tiles T for which `product` (a [T, K] @ b [K, N]) gives every row of
+    the probe the bits `reference` gives it, whose bits depend on a row alone (an order of our
+    own): the probe's first T rows, and the T rows after its first (each row one place
+    earlier in the call, at another address)."""
+    gen = torch.Generator().manual_seed(0)
+    k = like.shape[0]
+    perm = torch.randperm(k, generator=gen)
+    pairs = (perm[:k // 2], perm[k // 2:2 * (k // 2)])
+    operand = _probe_like(like, _cancelling(tuple(like.shape), like.dtype, pairs, -1.0, gen))
+    probe = _cancelling((max(candidates) + 1, k), like.dtype, pairs, 1.0, gen)
+    want = reference(probe, operand)
+    agree = []
+    for t in candidates:
+        shifted = probe[1:t + 1]
+        if (torch.equal(product(probe[:t].clone(), operand), want[:t])
+                and torch.equal(product(shifted, operand), want[1:t + 1])):
+            agree.append(t)
+    return tuple(agree)
+
+
 def modeled_cost(tiles: list[int]) -> float:
     """How well a class of tiles covers `ROW_COUNTS`: per row count, the calls' modeled cost
     over that of one call of exactly those rows, summed."""

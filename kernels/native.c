@@ -20,6 +20,7 @@
  * K blocks are stored transposed ([kv_heads][D][S] per block), V blocks as [kv_heads][S][D];
  * float32 or bfloat16 (widened exactly on load).
  */
+#define _GNU_SOURCE  /* syscall(), for the AMX permission below */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -659,3 +660,184 @@ void store(const void *src, void *cache, const int64_t *slots, int64_t tokens, i
         else store_4(src, cache, slots, tokens, h, kv_heads, d, s, transposed);
     }
 }
+
+/* ------------------------------------------------------------------ bfloat16 linears on AMX
+ *
+ * out[m][n] = bfloat16(sum over k of x[m][k] * w_t[k][n]) on Intel's AMX tiles, in one order
+ * of our own for every row, whatever the row count, the row's place or the thread count:
+ * K is cut into chunks of AMX_CHUNK products (the last one shorter); each chunk's products are
+ * summed by the tiles' dot-product instruction (TDPBF16PS) from zero, 32 k at a time in order of
+ * k; the chunks' float32 partial sums are added in order; the total is rounded to bfloat16
+ * (nearest even). Every output element is computed alone by that chain, so its bits depend only
+ * on its row of x and its column of w_t. (oneDNN's AMX kernels sum in this order too for some
+ * row counts and shapes; kernels/cpu.py uses such calls only where a proof saw them agree.)
+ *
+ * w_t is packed once (`amx_pack`) into the tiles' layout: for each block of 16 columns, for
+ * each block of 32 k, 16 pairs of k by 16 columns (zero past K and N). x is packed per call
+ * into tiles of 16 rows by 32 k. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_CHUNK 1024  /* products per partial sum (32 tile blocks) */
+#define AMX_PREFETCH 4  /* k blocks ahead */
+#define AMX_ROW_TILES 16  /* row tiles (of 16 rows) whose x stays in cache for every column */
+
+int amx_ready(void) {  /* the process may use the tiles (Linux asks each process to request) */
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                   18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static void amx_configure(void) {  /* 8 tiles of 16 rows by 64 bytes */
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+static int64_t blocks(int64_t n, int64_t size) { return (n + size - 1) / size; }
+
+/* w_t [k][n] at w[kk * sk + nn * sn] -> packed [n / 16][k / 32][16][16][2] */
+void amx_pack(const uint16_t *w, int64_t k, int64_t n, int64_t sk, int64_t sn, uint16_t *out,
+              int64_t threads) {
+    const int64_t kb = blocks(k, 32), nb = blocks(n, 16);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < nb; j++)
+        for (int64_t b = 0; b < kb; b++) {
+            uint16_t *tile = out + (j * kb + b) * 512;
+            for (int p = 0; p < 16; p++)
+                for (int c = 0; c < 16; c++)
+                    for (int h = 0; h < 2; h++) {
+                        const int64_t kk = b * 32 + 2 * p + h, nn = j * 16 + c;
+                        tile[(p * 16 + c) * 2 + h] = kk < k && nn < n ? w[kk * sk + nn * sn] : 0;
+                    }
+        }
+}
+
+/* x [m][k] (row stride ldx) -> [m / 16][k / 32][16][32], zero past m and k */
+static void amx_pack_rows(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, uint16_t *out,
+                          int64_t threads) {
+    const int64_t kb = blocks(k, 32), mt = blocks(m, 16);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < mt; t++)
+        for (int64_t b = 0; b < kb; b++)
+            for (int r = 0; r < 16; r++) {
+                uint16_t *dst = out + ((t * kb + b) * 16 + r) * 32;
+                const int64_t row = t * 16 + r, width = k - b * 32 < 32 ? k - b * 32 : 32;
+                if (row < m) {
+                    memcpy(dst, x + row * ldx + b * 32, width * 2);
+                    memset(dst + width, 0, (32 - width) * 2);
+                } else {
+                    memset(dst, 0, 64);
+                }
+            }
+}
+
+static inline void amx_prefetch(const uint16_t *tile) {
+    for (int q = 0; q < 16; q++) _mm_prefetch((const char *)(tile + q * 32), _MM_HINT_T0);
+}
+
+/* k blocks [lo, hi) of row tiles x0 (and x1) by column tiles w0 and w1, from zero, into c:
+ * [x0 w0, x0 w1, x1 w0, x1 w1], 256 floats each. */
+static void amx_chain(const uint16_t *x0, const uint16_t *x1, const uint16_t *w0,
+                      const uint16_t *w1, int64_t lo, int64_t hi, int two_rows, float *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t b = lo; b < hi; b++) {
+        amx_prefetch(w0 + (b + AMX_PREFETCH) * 512);
+        amx_prefetch(w1 + (b + AMX_PREFETCH) * 512);
+        _tile_loadd(4, x0 + b * 512, 64);
+        _tile_loadd(6, w0 + b * 512, 64);
+        _tile_loadd(7, w1 + b * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two_rows) {
+            _tile_loadd(5, x1 + b * 512, 64);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + 256, 64);
+    if (two_rows) {
+        _tile_stored(2, c + 512, 64);
+        _tile_stored(3, c + 768, 64);
+    }
+}
+
+/* c (16 x 16 floats) rounded to bfloat16 into out at (row0, col0), inside m x n */
+static void amx_put(const float *c, int64_t row0, int64_t m, int64_t col0, int64_t n,
+                    uint16_t *out, int64_t ldo) {
+    const int64_t cols = n - col0 < 16 ? n - col0 : 16;
+    const __mmask16 mask = (__mmask16)((1u << cols) - 1);
+    for (int r = 0; r < 16 && row0 + r < m; r++) {
+        __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 16));
+        _mm256_mask_storeu_epi16(out + (row0 + r) * ldo + col0, mask, (__m256i)h);
+    }
+}
+
+int amx_linear(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint16_t *packed,
+               int64_t n, uint16_t *out, int64_t ldo, int64_t threads) {
+    const int64_t kb = blocks(k, 32), mt = blocks(m, 16), nb = blocks(n, 16);
+    const int64_t per_chunk = AMX_CHUNK / 32, pairs = blocks(nb, 2);
+    uint16_t *rows = aligned_alloc(64, (size_t)mt * kb * 1024);
+    if (rows == NULL) return -1;
+    amx_pack_rows(x, m, k, ldx, rows, threads);
+#pragma omp parallel num_threads(threads)
+    {
+        amx_configure();
+        float sum[1024], part[1024];
+        for (int64_t i0 = 0; i0 < mt; i0 += AMX_ROW_TILES) {
+            const int64_t i1 = i0 + AMX_ROW_TILES < mt ? i0 + AMX_ROW_TILES : mt;
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < pairs; j++) {
+                const int two_cols = 2 * j + 1 < nb;
+                const uint16_t *w0 = packed + 2 * j * kb * 512;
+                const uint16_t *w1 = two_cols ? w0 + kb * 512 : w0;
+                for (int64_t i = i0; i < i1; i += 2) {
+                    const int two_rows = i + 1 < i1;
+                    const uint16_t *x0 = rows + i * kb * 512, *x1 = x0 + kb * 512;
+                    const int used = two_rows ? 1024 : 512;
+                    amx_chain(x0, x1, w0, w1, 0, per_chunk < kb ? per_chunk : kb, two_rows, sum);
+                    for (int64_t lo = per_chunk; lo < kb; lo += per_chunk) {
+                        amx_chain(x0, x1, w0, w1, lo, lo + per_chunk < kb ? lo + per_chunk : kb,
+                                  two_rows, part);
+                        for (int e = 0; e < used; e++) sum[e] += part[e];
+                    }
+                    for (int t = 0; t < (two_rows ? 4 : 2); t++)
+                        if (two_cols || t % 2 == 0)
+                            amx_put(sum + t * 256, (i + t / 2) * 16, m, (2 * j + t % 2) * 16, n,
+                                    out, ldo);
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(rows);
+    return 0;
+}
+#else
+int amx_ready(void) { return 0; }  /* no AMX in this build: kernels/cpu.py never calls these */
+void amx_pack(const uint16_t *w, int64_t k, int64_t n, int64_t sk, int64_t sn, uint16_t *out,
+              int64_t threads) { (void)w; (void)k; (void)n; (void)sk; (void)sn; (void)out;
+                                  (void)threads; }
+int amx_linear(const uint16_t *x, int64_t m, int64_t k, int64_t ldx, const uint16_t *packed,
+               int64_t n, uint16_t *out, int64_t ldo, int64_t threads) {
+    (void)x; (void)m; (void)k; (void)ldx; (void)packed; (void)n; (void)out; (void)ldo;
+    (void)threads;
+    return -1;
+}
+#endif

@@ -1,11 +1,13 @@
 """The CPU kernels of `native.c` (attention, row sums, RMSNorm, rotary embedding, KV-cache
-store), built with the machine's C compiler on first use and loaded with ctypes.
+store, and bfloat16 linears on AMX tiles where the CPU has them), built with the machine's C
+compiler on first use and loaded with ctypes.
 
 Built once per source, compiler and CPU (-march=native), into ROLLOUT_KERNEL_CACHE (default
 ~/.cache/rollout/kernels). Where no compiler is found or the build fails, `library()` is None
 and the CPU backend runs torch ops instead (batch invariant too, slower); every path of one
 process (decode, prefill, a trainer's scoring) takes the same one, so their bits agree.
-ROLLOUT_CPU_KERNELS=torch chooses the torch ops.
+ROLLOUT_CPU_KERNELS=torch chooses the torch ops; ROLLOUT_CPU_AMX=0 keeps bfloat16 linears off
+the AMX kernel (oneDNN's proven row tiles instead: other bits, see kernels/cpu.py).
 """
 
 import ctypes
@@ -97,7 +99,23 @@ def library() -> ctypes.CDLL | None:
     lib.rotate.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, i64]
     lib.rotate.restype = None
     lib.hardware_fma.restype = ctypes.c_int
+    lib.amx_ready.restype = ctypes.c_int
+    lib.amx_pack.argtypes = [ptr, i64, i64, i64, i64, ptr, i64]
+    lib.amx_pack.restype = None
+    lib.amx_linear.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
+    lib.amx_linear.restype = ctypes.c_int
     if not lib.hardware_fma():
         warnings.warn("this CPU has no fused multiply-add instruction: the CPU attention kernel "
                       "runs libm's fmaf (the same bits, tens of times slower)")
     return lib
+
+
+@cache
+def amx() -> ctypes.CDLL | None:
+    """The built kernels where their bfloat16 AMX linear runs here (a build for a CPU with AMX
+    tiles, which this process may use), else None."""
+    choice = os.environ.get("ROLLOUT_CPU_AMX", "1")
+    if choice not in ("0", "1"):
+        raise ValueError(f"ROLLOUT_CPU_AMX={choice!r}: choose 1 (default) or 0")
+    lib = library()
+    return lib if lib is not None and choice == "1" and lib.amx_ready() else None

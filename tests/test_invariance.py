@@ -185,3 +185,71 @@ def test_packed_weight_copies_go_with_their_engine(qwen3_path):
     del engine
     gc.collect()
     assert not cpu._packed
+
+
+amx = pytest.mark.skipif(kernels.native.amx() is None,
+                         reason="this CPU (or build) has no AMX tiles for the bfloat16 kernel")
+
+
+def cancelling(m: int, k: int, n: int, gen: torch.Generator):
+    """bfloat16 rows x [m, k] and w_t [k, n] over many binades whose products cancel in pairs
+    along k: the exact products are 0, so the bits are the rounding of the partial sums and
+    any change of summation order shows."""
+    perm = torch.randperm(k, generator=gen)
+    first, second = perm[:k // 2], perm[k // 2:2 * (k // 2)]
+
+    def spread(*shape):
+        return torch.randn(*shape, generator=gen) * torch.randint(-8, 9, shape, generator=gen
+                                                                   ).float().exp2()
+    x, w_t = spread(m, k), spread(k, n)
+    x[:, second], w_t[second] = x[:, first], -w_t[first]
+    return x.to(torch.bfloat16), w_t.to(torch.bfloat16)
+
+
+@amx
+def test_the_amx_linear_gives_a_row_the_same_bits_at_every_row_count_and_thread_count():
+    """kernels/native.c's AMX linear: each row's bits depend on that row alone (its place among
+    1..300 rows, the thread count), for K past one chunk of 1024 and shapes not multiples of
+    the tiles; close to the float64 product."""
+    gen = torch.Generator().manual_seed(2)
+    threads = torch.get_num_threads()
+    for k, n in ((2500, 80), (96, 176), (210, 1000)):
+        x, w_t = cancelling(300, k, n, gen)
+        packed = cpu.amx_pack(w_t)
+        alone = torch.cat([cpu.amx_linear(x[i:i + 1], packed, n) for i in range(0, 300, 7)])
+        for m in (1, 15, 17, 33, 300):
+            got = cpu.amx_linear(x[:m], packed, n)
+            assert torch.equal(got[::7], alone[:len(got[::7])]), (k, n, m)
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(cpu.amx_linear(x, packed, n)[::7], alone)
+        finally:
+            torch.set_num_threads(threads)
+        x = torch.randn(16, k, generator=gen).to(torch.bfloat16)
+        w_t = (torch.randn(k, n, generator=gen) / k ** 0.5).to(torch.bfloat16)
+        exact = x.double() @ w_t.double()
+        got = cpu.amx_linear(x, cpu.amx_pack(w_t), n).double()
+        assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+@amx
+def test_only_onednn_tiles_that_agree_with_the_amx_order_are_taken(fresh_plans):
+    """oneDNN takes whole tiles of a long prefill only where the proof saw its bits equal the
+    kernel's; a product summing in another order is refused, and the linear gives every row
+    the kernel's bits whatever the row count."""
+    gen = torch.Generator().manual_seed(3)
+    x, w_t = cancelling(2100, 1024, 256, gen)
+    packed = cpu.amx_pack(w_t)
+
+    def reference(a, b):
+        return cpu.amx_linear(a, cpu.amx_pack(b), b.shape[1])
+
+    def other_order(a, b):  # the k halves summed separately, then added
+        return (torch.mm(a[:, :512], b[:512]).float() + torch.mm(a[:, 512:], b[512:]).float()
+                ).to(torch.bfloat16)
+
+    assert invariance.agreeing_tiles(other_order, reference, w_t, (512, 1024)) == ()
+    tiles = cpu._amx_decided(w_t)[0]
+    x = x[:max(tiles, default=560) + 40]
+    assert torch.equal(cpu.matmul(x, w_t), cpu.amx_linear(x, packed, 256))
+    assert "AMX tiles" in cpu._amx_decided(w_t)[1].method
