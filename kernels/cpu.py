@@ -258,7 +258,8 @@ def matmul(x: torch.Tensor, w_t: torch.Tensor, op: str = "matmul") -> torch.Tens
 
 def weight_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """`matmul` for the engine's own weights (fixed until `forget_packed`): through a packed
-    copy of w_t where its plan proved the packed call gives the same bits."""
+    copy of w_t (the AMX kernel's, or oneDNN's where its plan proved the packed call gives the
+    same bits)."""
     if _amx(x, w_t):
         return _amx_mm(x.contiguous(), w_t, _packed_weight(w_t, amx_pack))
     plan = mm_plan(w_t, "linear")
@@ -296,7 +297,7 @@ def amx_pack(w_t: torch.Tensor) -> torch.Tensor:
 def amx_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """x [M, K] (rows contiguous) @ the packed w_t, [M, N], in the kernel's order."""
     out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    if native.amx().amx_linear(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+    if x.shape[0] and native.amx().amx_linear(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
                                packed.data_ptr(), n, out.data_ptr(), n, torch.get_num_threads()):
         raise MemoryError(f"no memory for the AMX kernel's copy of {x.shape[0]} rows")
     return out
@@ -330,7 +331,7 @@ def _amx_mm(x: torch.Tensor, w_t: torch.Tensor, packed: torch.Tensor) -> torch.T
         while x.shape[0] - start >= tile:
             parts.append(torch.mm(x[start:start + tile], w_t))
             start += tile
-    if start < x.shape[0]:
+    if start < x.shape[0] or not parts:
         parts.append(amx_linear(x[start:], packed, w_t.shape[1]))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -252,4 +252,5 @@ def test_only_onednn_tiles_that_agree_with_the_amx_order_are_taken(fresh_plans):
     tiles = cpu._amx_decided(w_t)[0]
     x = x[:max(tiles, default=560) + 40]
     assert torch.equal(cpu.matmul(x, w_t), cpu.amx_linear(x, packed, 256))
+    assert cpu.matmul(x[:0], w_t).shape == (0, 256)  # no rows: an empty product, no error
     assert "AMX tiles" in cpu._amx_decided(w_t)[1].method
