@@ -402,6 +402,30 @@ def test_a_replacement_while_released_copies_weights_updated_through_the_engine_
         group.shutdown()
 
 
+def test_requests_of_an_engine_lost_while_the_memory_is_released_run_after_resume(
+        ray_session, qwen3_path):
+    """Requests a release retracted wait for resume_memory(); those of an engine lost meanwhile
+    wait too (sent to an engine whose memory is released, they were refused, failing the
+    batch), then run again with the same results."""
+    group = new_group(qwen3_path)
+    try:
+        local = local_generate(qwen3_path, PROMPTS, LONG)
+        thread, box = generate_in_background(group, PROMPTS, LONG)
+        group.release_memory()
+        ray.kill(group.slots[1].actor, no_restart=True)
+        deadline = time.monotonic() + 30
+        while group.slots[1].ready:  # until the group saw the death (a request failed)
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1)
+        assert "error" not in box and thread.is_alive()
+        group.resume_memory()
+        thread.join(timeout=60)
+        assert "error" not in box and comparable(box["out"]) == comparable(local)
+    finally:
+        group.shutdown()
+
+
 def test_an_engine_lost_during_a_release_or_pause_leaves_the_group_in_the_new_state(
         ray_session, qwen3_path):
     """The group recorded no pause (or release) when one engine failed it, though the others
@@ -490,6 +514,29 @@ def test_an_engine_an_update_broke_on_takes_no_work_until_the_next_update(ray_se
         group.shutdown()
 
 
+def test_requests_on_an_engine_an_update_broke_on_run_again_on_another(ray_session, qwen3_path):
+    """A trainer's update to one engine breaks while the group's requests run there: they would
+    wait for an update that may never come. Once the group sees the engine refuse work, they
+    are aborted there and run again on the other engine, with the same results."""
+    group = new_group(qwen3_path)
+    try:
+        local = local_generate(qwen3_path, PROMPTS, LONG)
+        address = ray.get(group.slots[0].actor.start_weight_receiver.remote())
+        thread, box = generate_in_background(group, PROMPTS, LONG)
+        named = {n: t.detach() for n, t in trained(qwen3_path, 10).named_parameters()}
+        with weight_sync.ZmqWeightSender(address, bucket_bytes=1 << 16) as sender:
+            sender.send_bucket(named, sender.begin(named, 10)[0])
+            with pytest.raises(weight_sync.WeightUpdateError, match="never arrived"):
+                sender.commit()
+        assert group.check_health(timeout_s=5) == [True, True]
+        thread.join(timeout=30)
+        assert not thread.is_alive(), f"still waiting on the engines: {group.load()}"
+        assert "error" not in box and comparable(box["out"]) == comparable(local)
+        assert group.load()[0] == {"running": 0, "waiting": 0}
+    finally:
+        group.shutdown()
+
+
 def test_a_replacement_copies_a_whole_engine_not_one_an_update_broke_on(ray_session,
                                                                         qwen3_path):
     """The group learns that an engine's weights are incomplete only when it refuses work: a
@@ -554,6 +601,59 @@ def test_a_replacement_copies_what_a_trainer_sent_the_engines_directly(ray_sessi
         assert group.size == 2 and group.weight_versions() == [10, 10]
         checksum = weight_sync.checksum(named.items())
         assert group.weights_checksum() == [checksum, checksum]
+    finally:
+        group.shutdown()
+
+
+def test_a_waiting_replacement_joins_once_a_trainer_sent_the_weights_and_the_cache_resumes(
+        ray_session, qwen3_path):
+    """A trainer's update sent to the engines directly takes their released weights back, then
+    it resumes only the KV cache: a replacement waiting for the weights copies them and joins
+    (the group still took its weights for released, and the replacement never joined)."""
+    group = new_group(qwen3_path)
+    try:
+        group.start_weight_receivers()
+        group.release_memory()
+        group.replace(1)
+        assert group.slots[1].waiting
+        (address,) = group.start_weight_receivers()  # the ready engine's
+        model = trained(qwen3_path, 9)
+        with weight_sync.ZmqWeightSender(address) as sender:
+            assert sender.send(model.named_parameters(), version=9) == 9
+        group.resume_memory(["kv_cache"])
+        assert group.size == 2 and group.weight_versions() == [9, 9]
+        checksum = weight_sync.checksum(model.named_parameters())
+        assert group.weights_checksum() == [checksum, checksum]
+    finally:
+        group.shutdown()
+
+
+def test_a_broadcast_is_refused_while_a_member_replaced_during_a_release_waits(
+        ray_session, qwen3_path):
+    """A replacement waiting for resume_memory() holds no rank in a weight update group its old
+    engine had joined: a broadcast over it would wait out the group's timeout for a dead rank.
+    It is refused up front, as once the replacement has joined."""
+    group = new_group(qwen3_path)
+    try:
+        port = free_port()
+        joined = group.init_weights_update_group("127.0.0.1", port, "sync", backend="gloo",
+                                                 timeout_s=30, wait=False)
+        trainer = weight_sync.WeightUpdateGroup("127.0.0.1", port, 0, 3, "sync", "gloo",
+                                                timeout_s=30)
+        joined.result(timeout=60)
+        group.update_weights(trained(qwen3_path, 9).named_parameters(), version=9)
+        group.release_memory()
+        group.replace(1)  # waits to copy version 9
+        assert group.slots[1].waiting
+        update = group.update_weights_from_distributed(["model.norm.weight"], ["float32"],
+                                                       [[64]], "sync", wait=False)
+        with pytest.raises(ValueError, match=r"group 'sync' lost members since it was formed: "
+                                             r"engines \[1\] are not in it \(replaced\)"):
+            update.result(timeout=10)
+        group.destroy_weights_update_group("sync")
+        trainer.destroy()
+        group.resume_memory()
+        assert group.size == 2
     finally:
         group.shutdown()
 

@@ -9,9 +9,10 @@ is neither paused, released nor updating) stops taking work, and its unfinished 
 again on a healthy engine: determinism makes the result identical. With no engine left, the
 request fails with an error naming the dead engines. An engine that answers that its weights are
 incomplete (an update that broke on it) takes no requests while another engine can, until an
-update commits on it or a health check finds it whole again. `replace(i)` starts a new engine
-that takes no work until it holds the group's weights (copied from a healthy engine over ZMQ,
-checksums compared).
+update commits on it or a health check finds it whole again; the group's requests already on it
+run again on another engine. While the group's memory is released, requests that must run again
+wait for `resume_memory()`. `replace(i)` starts a new engine that takes no work until it holds the
+group's weights (copied from a healthy engine over ZMQ, checksums compared).
 
 The group's bookkeeping lives on one asyncio loop in a background thread; the synchronous
 methods submit to it and wait, `generate_async` awaits it from the caller's loop.
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -58,6 +59,10 @@ class EngineSlot:
     waiting: bool = False  # a replacement waiting for the group's weights to come back
     refusing: str | None = None  # alive, but answered that its weights are incomplete
     collectives: set[str] = field(default_factory=set)  # weight update groups it joined
+    # groups its replaced engine had joined: no broadcast over them until destroyed and formed
+    # again (the new engine holds no rank in them)
+    replaced_collectives: set[str] = field(default_factory=set)
+    calls: set[ray.ObjectRef] = field(default_factory=set)  # the group's requests running on it
     generation: int = 0  # engines started in this slot: which one a death was seen on
 
     def describe(self) -> str:
@@ -94,6 +99,8 @@ class RolloutGroup:
         self._sessions: dict[str, int] = {}
         self._paused = False
         self._released: set[str] = set()
+        self._resident = asyncio.Event()  # set while no memory is released: reroutes may run
+        self._resident.set()
         self._updated = False  # weights changed since the checkpoint: replacements copy them
         self._auto_replacing: dict[int, asyncio.Task] = {}  # slot index: its replacement
         self._receiver_timeout_s: float | None = None  # ZMQ receivers started: replacements too
@@ -227,33 +234,52 @@ class RolloutGroup:
 
     async def _request(self, prompt: Prompt, params: SamplingParams | None,
                        session_id: str | None) -> RequestOutput:
-        samples = params.n if params is not None else 1
+        """Run again where the engine dies or refuses work; while the group's memory is
+        released (every engine refuses), only once it is resumed."""
         while True:
             slot = self._pick(session_id)
-            slot.in_flight += samples
-            call = slot.actor.generate_one.remote(prompt, params)
             try:
-                output = await call
-                slot.completed += 1
-                return output
+                return await self._call(slot, prompt, params)
             except RayActorError as e:
                 self._lost(slot, e)
+            except TaskCancelledError:  # aborted by the group: its engine refuses work
+                if slot.refusing is None:
+                    raise
             except RayTaskError as e:
                 if not _refuses(e) or not self._refusing(slot, e):
                     raise
-            except asyncio.CancelledError:  # the caller gave up: the engine stops it too
-                ray.cancel(call)
-                raise
-            finally:
-                slot.in_flight -= samples
+            await self._resident.wait()
+
+    async def _call(self, slot: EngineSlot, prompt: Prompt,
+                    params: SamplingParams | None) -> RequestOutput:
+        samples = params.n if params is not None else 1
+        slot.in_flight += samples
+        call = slot.actor.generate_one.remote(prompt, params)
+        slot.calls.add(call)
+        try:
+            output = await call
+        except asyncio.CancelledError:  # the caller gave up: the engine stops it too
+            ray.cancel(call)
+            raise
+        finally:
+            slot.in_flight -= samples
+            slot.calls.discard(call)
+        slot.completed += 1
+        return output
 
     def _refusing(self, slot: EngineSlot, error: RayTaskError) -> bool:
-        """Note that `slot` refuses work; whether another ready engine may take it instead."""
+        """Note that `slot` refuses work; whether another ready engine may take it instead.
+        Where one may, the group's requests on `slot` (waiting there for an update that may
+        never come) are aborted to run again on another."""
         if slot.refusing is None:
             log.warning("rollout group: engine %d refuses work (%s); requests go to the others "
                         "until an update commits on it", slot.index, _first_line(error))
         slot.refusing = _first_line(error)
-        return any(s.ready and s.refusing is None for s in self.slots)
+        elsewhere = any(s.ready and s.refusing is None for s in self.slots)
+        if elsewhere:
+            for call in slot.calls:
+                ray.cancel(call)
+        return elsewhere
 
     # ---------------------------------------------------------------- every engine at once
 
@@ -319,7 +345,7 @@ class RolloutGroup:
         self._updated = True
         slots, results = await self._call_each(call)
         if any(not isinstance(r, BaseException) for r in results):
-            self._released.discard("weights")  # an update brings released weights back
+            self._record_released(self._released - {"weights"})  # an update brings them back
         for slot, result in zip(slots, results):
             if not isinstance(result, BaseException):
                 slot.refusing = None  # committed: its weights are whole
@@ -402,7 +428,8 @@ class RolloutGroup:
     async def _broadcast(self, group_name: str, call) -> list[int | str]:
         async with self._turn:
             self._check_collective(group_name)
-            outside = [s.index for s in self._ready_slots() if group_name not in s.collectives]
+            outside = [s.index for s in self.slots if group_name in s.replaced_collectives
+                       or (s.ready and group_name not in s.collectives)]
             gone = [s.index for s in self.slots if not s.ready and group_name in s.collectives]
             lost = ([f"engines {outside} are not in it (replaced)"] if outside else []) + (
                 [f"engines {gone} left service"] if gone else [])
@@ -422,6 +449,8 @@ class RolloutGroup:
                 if not slot.ready:
                     slot.collectives.discard(group_name)  # dead or replaced: no longer a member
             self._check_collective(group_name)
+            for slot in self.slots:
+                slot.replaced_collectives.discard(group_name)
             members = [s for s in self._ready_slots() if group_name in s.collectives]
             slots, results = await self._call_each(
                 lambda k, a: a.destroy_weights_update_group.remote(group_name), members)
@@ -435,8 +464,9 @@ class RolloutGroup:
                 raise errors[0]
 
     def _check_collective(self, group_name: str) -> None:
-        """Refuse a weight update group no engine of the group is in."""
-        known = set().union(*(s.collectives for s in self.slots))
+        """Refuse a weight update group no engine of the group is (or was, before a
+        replacement) in."""
+        known = set().union(*(s.collectives | s.replaced_collectives for s in self.slots))
         if group_name not in known:
             raise ValueError(f"no weight update group {group_name!r} (the engines are in: "
                              f"{', '.join(map(repr, sorted(known))) or 'none'}); "
@@ -454,21 +484,42 @@ class RolloutGroup:
     def release_memory(self, tags: Sequence[str] | str | None = None, weights: str = "backup",
                        pause_mode: str = "retract") -> None:
         self._wait(self._in_turn("release_memory", tags, weights, pause_mode,
-                                 then=lambda: self._released.update(_tag_set(tags))))
+                                 then=lambda: self._record_released(
+                                     self._released | _tag_set(tags))))
 
     def resume_memory(self, tags: Sequence[str] | str | None = None) -> None:
-        """Every ready engine takes its memory back; once the weights are back, replacements
-        started meanwhile copy them and join."""
+        """Every ready engine takes its memory back; once the weights are back (here, or by a
+        trainer's update sent to the engines directly), replacements started meanwhile copy
+        them and join."""
         self._wait(self._resume(tags))
 
     async def _resume(self, tags) -> None:
         async with self._turn:
             try:
-                await self._change_each("resume_memory", (tags,),
-                                        lambda: self._released.difference_update(_tag_set(tags)))
+                await self._change_each("resume_memory", (tags,), lambda: self._record_released(
+                    self._released - _tag_set(tags)))
             finally:  # the weights are back where some engine resumed them
+                await self._engines_released()
                 if "weights" not in self._released:
                     await self._admit_waiting()
+
+    def _record_released(self, tags: set[str]) -> None:
+        """The group's released memory; requests to run again wait while there is some."""
+        self._released = tags
+        if tags:
+            self._resident.clear()
+        else:
+            self._resident.set()
+
+    async def _engines_released(self) -> None:
+        """Take the group's released memory from its ready engines: a trainer's update sent to
+        them directly takes released weights back unseen by the group."""
+        _, stats = await self._call_each(lambda k, a: a.memory_stats.remote(),
+                                         [s for s in self.slots if s.ready])
+        stats = [s for s in stats if not isinstance(s, BaseException)]
+        if stats:
+            self._record_released({tag for s in stats for tag, nbytes in s["released"].items()
+                                   if nbytes})
 
     def pause_generation(self, mode: str = "abort") -> None:
         self._wait(self._in_turn("pause_generation", mode,
@@ -558,6 +609,7 @@ class RolloutGroup:
                 ray.kill(slot.actor, no_restart=True)
             slot.ready, slot.waiting, slot.error = False, False, "being replaced"
             slot.refusing = None
+            slot.replaced_collectives |= slot.collectives
             slot.collectives.clear()
             slot.actor = self._start(index)
             slot.generation += 1
@@ -591,7 +643,7 @@ class RolloutGroup:
         memory as the donor's is."""
         if donor is not None:  # a direct update takes released weights back unseen by the group
             stats = await donor.actor.memory_stats.remote()
-            self._released = {tag for tag, nbytes in stats["released"].items() if nbytes}
+            self._record_released({tag for tag, n in stats["released"].items() if n})
         if state == "complete":
             await self._copy_weights(donor, slot)
         elif state == "incomplete":  # discarded (or a broken update): the next update fills them
