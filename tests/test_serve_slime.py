@@ -421,7 +421,7 @@ def test_prompt_logprobs_priced_after_an_update_list_its_version(qwen3_path, tmp
             posted = asyncio.create_task(client.post("/generate", json=x))
             await running_at_least(client, 1)
             long = asyncio.create_task(client.post("/generate", json=slime_payload(
-                PROMPTS[4], LONG, 1)))
+                PROMPTS[4], LONG, 1) | {"rid": "long"}))
             made = (await client.get("/server_info")).json()["scheduler"]["decode_tokens"]
 
             async def scoring_waits():  # x generated its tokens, the long one runs
@@ -432,6 +432,7 @@ def test_prompt_logprobs_priced_after_an_update_list_its_version(qwen3_path, tmp
             reply = await client.post("/update_weights_from_disk", json={
                 "model_path": str(tmp_path / "step-26"), "weight_version": "step-26"})
             assert reply.status_code == 200, reply.text
+            await client.post("/abort_request", json={"rid": "long"})  # x's scoring runs next
             meta = (await posted).json()["meta_info"]
             await long
             assert meta["output_token_logprobs"] == old["output_token_logprobs"]
