@@ -1,6 +1,6 @@
 /* CPU kernels with one fixed order of arithmetic per row: paged causal attention, row sums,
- * RMSNorm and the rotary embedding (op for op the torch sequences transformers runs), and the
- * KV-cache store.
+ * RMSNorm and the rotary embedding (op for op the torch sequences transformers runs), the
+ * KV-cache store, and bfloat16 linears on AMX tiles (at the end of this file).
  *
  * An attention row (one query position of one head) is computed by `tile_impl` from its query,
  * its position and the keys and values it sees, and nothing else: no other row, thread count,
