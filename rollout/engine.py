@@ -247,6 +247,16 @@ class Engine:
             raise ValueError(f"{what} token id {bad[0][1]} at position {bad[0][0]} is out of range "
                              f"[0, {vocab})")
 
+    def _check_drawable(self, params: SamplingParams) -> None:
+        """While min_tokens holds them back, EOS and the stop ids must leave a token to draw."""
+        held = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            held |= set(self.model_config.eos_token_ids)
+        if params.min_tokens and len(held) >= self.model_config.vocab_size:
+            raise ValueError(f"min_tokens={params.min_tokens} holds back every token of the "
+                             f"vocabulary ({self.model_config.vocab_size}): stop_token_ids and EOS "
+                             "cover it all, so no token could be drawn")
+
     def check_prompt(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids, checked as generation checks them (a tokenizer for text,
         ids in the vocabulary, room for a token in the context); ValueError names what is
@@ -260,6 +270,7 @@ class Engine:
             raise ValueError("prompt is empty: at least one token is needed")
         self._check_ids(token_ids, "prompt")
         self._check_ids(params.stop_token_ids, "stop_token_ids")
+        self._check_drawable(params)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need the checkpoint's tokenizer, and "
                              f"the model at {self.config.model!r} has none; pass stop_token_ids")

@@ -471,6 +471,8 @@ def test_max_tokens_left_out_fills_what_the_kv_cache_holds_when_it_is_under_the_
     ({1: 2}, SamplingParams(), "a prompt must be a string or a list of token ids, got dict"),
     ([1, 2], SamplingParams(min_tokens=2, stop_token_ids=[600]),
      "stop_token_ids token id 600 at position 0 is out of range"),
+    ([1, 2], SamplingParams(min_tokens=2, stop_token_ids=list(range(512))),
+     "min_tokens=2 holds back every token of the vocabulary \\(512\\)"),
 ])
 def test_bad_request_is_refused_and_engine_keeps_serving(engine, prompt, params, message):
     with pytest.raises(ValueError, match=message):
